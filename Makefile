@@ -1,0 +1,49 @@
+# Two commands do everything on a fresh machine: `make train` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# Exact builds that pip finds on this machine's disk (other versions download gigabytes).
+TORCH  := torch==2.14.1 torchvision==0.29.1
+CONFIG ?= configs/digits.yaml
+
+export WANDB_SILENT ?= true
+
+.PHONY: train test test-slow bench install install-dev clean
+
+$(VENV)/.torch:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.torch pyproject.toml
+	$(PIP) install -q -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+## Train the default configuration on the embedded decoy-digits dataset; prints a summary.
+train: $(VENV)/.installed
+	$(VENV)/bin/harmonia fit --config $(CONFIG)
+
+## The test suite (< 10 minutes on 2 cores); long tests are marked `slow`.
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -m "not slow" -q
+
+## Long tests only (DDP, resume after SIGKILL, ...).
+test-slow: $(VENV)/.installed-dev
+	$(PY) -m pytest -m slow -q
+
+## Benchmarks: tables on stdout, JSON under benchmarks/results/.
+bench: $(VENV)/.installed
+	$(PY) benchmarks/step_cost.py --out benchmarks/results/step_cost.json
+	$(PY) benchmarks/decoy_digits.py --out benchmarks/results/decoy_digits.json
+
+clean:
+	rm -rf runs wandb lightning_logs .pytest_cache

@@ -1,0 +1,53 @@
+"""Input-gradient saliency: the map the harmonization loss trains and the monitors score.
+
+Two readings of the same gradient ``∂ logit_y / ∂x``:
+- ``harmonization_saliency``: signed mean over channels (SPEC §1, what the reference trains);
+- ``gradient_saliency``: max over channels of |gradient| (SPEC §3, Xplique ``Saliency``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def class_score(logits: Tensor, target: Tensor) -> Tensor:
+    """The logit of each sample's target class, shape ``(N,)`` (a logit, not a softmax)."""
+    return logits.gather(1, target.long().view(-1, 1)).squeeze(1)
+
+
+def input_gradient(
+    logits: Tensor, inputs: Tensor, target: Tensor, create_graph: bool = False
+) -> Tensor:
+    """``∂ Σ_n logit_{n, y_n} / ∂ inputs`` for logits already computed from ``inputs``.
+
+    With ``create_graph=True`` the result stays differentiable w.r.t. the parameters (double
+    backward), which is what the harmonization loss needs.
+    """
+    (grad,) = torch.autograd.grad(
+        class_score(logits, target).sum(), inputs, create_graph=create_graph
+    )
+    return grad
+
+
+def harmonization_saliency(
+    model: nn.Module, inputs: Tensor, target: Tensor, create_graph: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Forward ``inputs`` and return ``(logits, saliency (N,1,H,W))`` as the reference computes it.
+
+    The saliency is the signed channel mean of the input gradient of the target logit.
+    Works inside ``no_grad``/``inference_mode`` callers too: grad mode is forced on locally.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        inputs = inputs.detach().clone().requires_grad_(True)
+        logits = model(inputs)
+        grad = input_gradient(logits, inputs, target, create_graph=create_graph)
+    return logits, grad.mean(dim=1, keepdim=True)
+
+
+def gradient_saliency(model: nn.Module, inputs: Tensor, target: Tensor) -> Tensor:
+    """Xplique-style saliency: max over channels of ``|∂ logit_y / ∂x|``, shape ``(N,1,H,W)``."""
+    with torch.inference_mode(False), torch.enable_grad():
+        inputs = inputs.detach().clone().requires_grad_(True)
+        grad = input_gradient(model(inputs), inputs, target)
+    return grad.abs().amax(dim=1, keepdim=True)

@@ -1,0 +1,19 @@
+"""Model registry: ``build_model(name, **kwargs)``; ``list_models()`` names what is registered."""
+
+from harmonia.models import cnn as _cnn  # noqa: F401  (registers lipschitz_cnn and cnn)
+from harmonia.models.cnn import ConvNet, conv_net
+from harmonia.models.layers import L2NormPool2d
+from harmonia.models.lipschitz import export, lipschitz_bound, operator_norm
+from harmonia.models.registry import build_model, list_models, register_model
+
+__all__ = [
+    "ConvNet",
+    "L2NormPool2d",
+    "build_model",
+    "conv_net",
+    "export",
+    "lipschitz_bound",
+    "list_models",
+    "operator_norm",
+    "register_model",
+]

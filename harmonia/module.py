@@ -1,0 +1,172 @@
+"""``AlignedClassifier``: a classifier trained with ``objective + λ · harmonization``.
+
+Follow one batch: ``training_step`` → ``forward_with_saliency`` (one forward per sample; the
+samples that carry a human map are forwarded with ``requires_grad`` on their inputs and give
+a saliency map through ``torch.autograd.grad(create_graph=True)``) → ``objective(logits, y)``
+and ``HarmonizationLoss(saliency, map)`` → one ordinary backward (done by Lightning).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+from torch.nn.utils import parametrize
+from torchmetrics.classification import MulticlassAccuracy
+
+from harmonia.data.sample import Sample
+from harmonia.explain.gradient import input_gradient
+from harmonia.losses import HarmonizationLoss, build_objective, decayed_parameters
+from harmonia.losses.harmonization import TokenNormalization
+from harmonia.models import build_model
+
+
+class AlignedClassifier(pl.LightningModule):
+    """Image classifier whose input-gradient saliency is pushed towards human maps.
+
+    Args:
+        arch: registered model name (``harmonia models`` lists them).
+        arch_args: keyword arguments of the model constructor (``num_classes`` is added).
+        num_classes: number of classes.
+        objective: ``cross_entropy`` | ``tau_cross_entropy`` | ``hkr``.
+        objective_args: keyword arguments of the objective (e.g. ``label_smoothing: 0.1``).
+        lambda_harmonization: weight λ of the harmonization term (0 disables it in training;
+            it is still measured on validation and test data).
+        pyramid_levels: Gaussian pyramid levels compared (reference: 5).
+        token_normalization: ``batch`` (reference number) or ``mapped`` (see SPEC §1).
+        optimizer: optimizer factory; its ``weight_decay`` applies only to weights that are
+            not normalization/embedding/class-token parameters (the reference's L2 term; with
+            SGD, ``weight_decay = λ_w`` is the reference's ``λ_w Σ ½‖W‖²``).
+        lr_scheduler: optional scheduler factory, stepped every epoch.
+    """
+
+    def __init__(
+        self,
+        arch: str = "lipschitz_cnn",
+        arch_args: dict[str, Any] | None = None,
+        num_classes: int = 10,
+        objective: str = "cross_entropy",
+        objective_args: dict[str, Any] | None = None,
+        lambda_harmonization: float = 1.0,
+        pyramid_levels: int = 5,
+        token_normalization: TokenNormalization = "batch",
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        if lambda_harmonization < 0:
+            raise ValueError(f"lambda_harmonization must be >= 0; got {lambda_harmonization}")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.model = build_model(arch, num_classes=num_classes, **(arch_args or {}))
+        self.objective = build_objective(objective, **(objective_args or {}))
+        self.harmonization = HarmonizationLoss(pyramid_levels, token_normalization)
+        self.lambda_harmonization = lambda_harmonization
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        # ModuleDict keys may not shadow nn.Module attributes ("train"), hence the suffix.
+        self.accuracy = torch.nn.ModuleDict(
+            {f"{stage}_acc": MulticlassAccuracy(num_classes) for stage in ("train", "val", "test")}
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of the wrapped model."""
+        return self.model(x)
+
+    def forward_with_saliency(
+        self, image: Tensor, label: Tensor, has_map: Tensor, create_graph: bool
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Logits of every sample and the harmonization saliency of the mapped ones.
+
+        Returns ``(logits (N,K), saliency (M,1,H,W) or None, mapped index (M,))``. Only the
+        mapped samples pay for the input gradient; each sample is forwarded once. A batch that
+        mixes both is forwarded as two sub-batches (note: a BatchNorm model then normalizes
+        each sub-batch with its own statistics).
+        """
+        mapped = has_map.nonzero().flatten()
+        if mapped.numel() == 0:
+            return self.model(image), None, mapped
+        if image.is_inference():  # stand-alone validate/test run under inference_mode
+            image = image.clone()
+        if mapped.numel() == len(image):
+            inputs = image.detach().requires_grad_(True)
+            logits = self.model(inputs)
+            grad = input_gradient(logits, inputs, label, create_graph)
+            return logits, grad.mean(dim=1, keepdim=True), mapped
+        unmapped = (~has_map).nonzero().flatten()
+        inputs = image[mapped].detach().requires_grad_(True)
+        logits_mapped = self.model(inputs)
+        grad = input_gradient(logits_mapped, inputs, label[mapped], create_graph)
+        logits_unmapped = self.model(image[unmapped])
+        order = torch.argsort(torch.cat([mapped, unmapped]))
+        logits = torch.cat([logits_mapped, logits_unmapped])[order]
+        return logits, grad.mean(dim=1, keepdim=True), mapped
+
+    def _step(self, batch: Sample, stage: str) -> Tensor:
+        image, human_map, has_map, label = batch
+        training = stage == "train"
+        want_saliency = self.lambda_harmonization > 0 or not training
+        # Evaluation needs gradients w.r.t. inputs: escape no_grad / inference_mode locally.
+        with torch.inference_mode(False), torch.enable_grad(), parametrize.cached():
+            if want_saliency:
+                logits, saliency, mapped = self.forward_with_saliency(image, label, has_map, training)
+            else:
+                logits, saliency, mapped = self.model(image), None, has_map.new_empty(0)
+            objective = self.objective(logits, label)
+            if saliency is None:
+                harmonization = objective.new_zeros(())
+            else:
+                harmonization = self.harmonization(saliency, human_map[mapped].to(saliency.dtype), len(label))
+            loss = objective + self.lambda_harmonization * harmonization
+        if not training:
+            loss, objective, harmonization, logits = (t.detach() for t in (loss, objective, harmonization, logits))
+        accuracy = self.accuracy[f"{stage}_acc"]
+        accuracy(logits, label)
+        on_step = training
+        sync = not training
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=training, sync_dist=sync)
+        self.log(f"{stage}/objective", objective, on_step=False, on_epoch=True, sync_dist=sync)
+        self.log(f"{stage}/harmonization", harmonization, on_step=False, on_epoch=True, sync_dist=sync)
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: Sample, batch_idx: int) -> Tensor:
+        """``objective + λ · harmonization`` on a training batch."""
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Sample, batch_idx: int) -> None:
+        """Validation loss terms and accuracy (harmonization measured even when λ = 0)."""
+        self._step(batch, "val")
+
+    def test_step(self, batch: Sample, batch_idx: int) -> None:
+        """Test loss terms and accuracy."""
+        self._step(batch, "test")
+
+    def predict_step(self, batch: Sample, batch_idx: int) -> dict[str, Tensor]:
+        """Logits, probabilities and predicted class of each sample."""
+        image = batch[0] if isinstance(batch, (tuple, list)) else batch
+        logits = self.model(image)
+        return {"logits": logits, "probs": logits.softmax(-1), "pred": logits.argmax(-1)}
+
+    def on_fit_start(self) -> None:
+        """Refuse precision settings under which the double backward is silently wrong."""
+        precision = str(self.trainer.precision)
+        if self.lambda_harmonization > 0 and precision.startswith("16"):
+            raise ValueError(
+                f"precision={precision!r} scales only the final loss, so the inner input gradient "
+                "of the harmonization term can underflow in fp16; use 'bf16-mixed' or '32-true'"
+            )
+
+    def configure_optimizers(self) -> Any:
+        """Optimizer with decay on non-normalization weights only; optional epoch-wise scheduler."""
+        decay, no_decay = decayed_parameters(self.model)
+        groups = [{"params": decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -38,13 +38,14 @@ VARIANTS = {
 }
 
 
-def run(arch: str, lam: float, decoy: str, seed: int, epochs: int, lr: float) -> float:
+def run(arch: str, lam: float, decoy: str, seed: int, epochs: int, lr: float, saliency: str) -> float:
     """Train one variant; return its test accuracy (decoy shade independent of the label)."""
     pl.seed_everything(seed, verbose=False)
     data = DecoyDigitsDataModule(batch_size=64, seed=seed, train_decoy=decoy)
     module = AlignedClassifier(
         arch=arch,
         lambda_harmonization=lam,
+        saliency=saliency,
         optimizer=lambda params: torch.optim.Adam(params, lr=lr),
     )
     trainer = pl.Trainer(
@@ -64,6 +65,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--lam", type=float, default=1.0, help="λ of the harmonized variants")
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--saliency", choices=["signed", "abs"], default="signed")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -73,7 +75,7 @@ def main() -> None:
         arch, lam, decoy = VARIANTS[name]
         lam = args.lam if lam is None else lam
         start = time.perf_counter()
-        accs = [run(arch, lam, decoy, seed, args.epochs, args.lr) for seed in args.seeds]
+        accs = [run(arch, lam, decoy, seed, args.epochs, args.lr, args.saliency) for seed in args.seeds]
         results[name] = {
             "mean": statistics.mean(accs),
             "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
@@ -82,7 +84,7 @@ def main() -> None:
         }
         print(f"{name:<22} {100 * results[name]['mean']:6.2f} ± {100 * results[name]['std']:5.2f}  {accs}", file=sys.stderr, flush=True)
 
-    results["settings"] = {"seeds": args.seeds, "epochs": args.epochs, "lambda": args.lam, "lr": args.lr, "batch_size": 64}
+    results["settings"] = {"seeds": args.seeds, "epochs": args.epochs, "lambda": args.lam, "lr": args.lr, "saliency": args.saliency, "batch_size": 64}
     print("\n| variant | arch | λ | train decoy | decoy-free test accuracy (mean ± std) |")
     print("|---|---|---|---|---|")
     for name in args.variants:

@@ -8,7 +8,7 @@ and ``HarmonizationLoss(saliency, map)`` → one ordinary backward (done by Ligh
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -37,6 +37,10 @@ class AlignedClassifier(pl.LightningModule):
             it is still measured on validation and test data).
         pyramid_levels: Gaussian pyramid levels compared (reference: 5).
         token_normalization: ``batch`` (reference number) or ``mapped`` (see SPEC §1).
+        saliency: channel reduction of the input gradient. ``signed`` (the reference): mean
+            of the signed gradient; standardize-cut then ignores negative evidence, so a model
+            may keep using a region with a negative-signed gradient unpunished. ``abs``: mean
+            of |gradient|, so any sensitivity outside the human map is penalized.
         optimizer: optimizer factory; its ``weight_decay`` applies only to weights that are
             not normalization/embedding/class-token parameters (the reference's L2 term; with
             SGD, ``weight_decay = λ_w`` is the reference's ``λ_w Σ ½‖W‖²``).
@@ -53,6 +57,7 @@ class AlignedClassifier(pl.LightningModule):
         lambda_harmonization: float = 1.0,
         pyramid_levels: int = 5,
         token_normalization: TokenNormalization = "batch",
+        saliency: Literal["signed", "abs"] = "signed",
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -64,6 +69,9 @@ class AlignedClassifier(pl.LightningModule):
         self.objective = build_objective(objective, **(objective_args or {}))
         self.harmonization = HarmonizationLoss(pyramid_levels, token_normalization)
         self.lambda_harmonization = lambda_harmonization
+        if saliency not in ("signed", "abs"):
+            raise ValueError(f"saliency must be 'signed' or 'abs'; got {saliency!r}")
+        self.saliency = saliency
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         # ModuleDict keys may not shadow nn.Module attributes ("train"), hence the suffix.
@@ -88,13 +96,11 @@ class AlignedClassifier(pl.LightningModule):
         mapped = has_map.nonzero().flatten()
         if mapped.numel() == 0:
             return self.model(image), None, mapped
-        if image.is_inference():  # stand-alone validate/test run under inference_mode
-            image = image.clone()
         if mapped.numel() == len(image):
             inputs = image.detach().requires_grad_(True)
             logits = self.model(inputs)
             grad = input_gradient(logits, inputs, label, create_graph)
-            return logits, grad.mean(dim=1, keepdim=True), mapped
+            return logits, self._reduce(grad), mapped
         unmapped = (~has_map).nonzero().flatten()
         inputs = image[mapped].detach().requires_grad_(True)
         logits_mapped = self.model(inputs)
@@ -102,14 +108,20 @@ class AlignedClassifier(pl.LightningModule):
         logits_unmapped = self.model(image[unmapped])
         order = torch.argsort(torch.cat([mapped, unmapped]))
         logits = torch.cat([logits_mapped, logits_unmapped])[order]
-        return logits, grad.mean(dim=1, keepdim=True), mapped
+        return logits, self._reduce(grad), mapped
+
+    def _reduce(self, grad: Tensor) -> Tensor:
+        """Channel reduction of the input gradient to a ``(M,1,H,W)`` saliency map."""
+        return (grad.abs() if self.saliency == "abs" else grad).mean(dim=1, keepdim=True)
 
     def _step(self, batch: Sample, stage: str) -> Tensor:
-        image, human_map, has_map, label = batch
         training = stage == "train"
         want_saliency = self.lambda_harmonization > 0 or not training
         # Evaluation needs gradients w.r.t. inputs: escape no_grad / inference_mode locally.
         with torch.inference_mode(False), torch.enable_grad(), parametrize.cached():
+            # A stand-alone validate/test creates inference tensors, which autograd may not
+            # save; normal copies are cheap next to the double backward.
+            image, human_map, has_map, label = (t.clone() if t.is_inference() else t for t in batch)
             if want_saliency:
                 logits, saliency, mapped = self.forward_with_saliency(image, label, has_map, training)
             else:

@@ -38,7 +38,7 @@ test: $(VENV)/.installed-dev
 
 ## Long tests only (DDP, resume after SIGKILL, ...).
 test-slow: $(VENV)/.installed-dev
-	$(PY) -m pytest -m slow -q
+	$(PY) -m pytest -m slow -q || [ $$? -eq 5 ]  # exit 5: no test is marked slow yet
 
 ## Benchmarks: tables on stdout, JSON under benchmarks/results/.
 bench: $(VENV)/.installed

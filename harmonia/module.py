@@ -76,7 +76,7 @@ class AlignedClassifier(pl.LightningModule):
         self.scheduler_factory = lr_scheduler
         # ModuleDict keys may not shadow nn.Module attributes ("train"), hence the suffix.
         self.accuracy = torch.nn.ModuleDict(
-            {f"{stage}_acc": MulticlassAccuracy(num_classes) for stage in ("train", "val", "test")}
+            {f"{stage}_acc": MulticlassAccuracy(num_classes, validate_args=False) for stage in ("train", "val", "test")}
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -135,7 +135,8 @@ class AlignedClassifier(pl.LightningModule):
         if not training:
             loss, objective, harmonization, logits = (t.detach() for t in (loss, objective, harmonization, logits))
         accuracy = self.accuracy[f"{stage}_acc"]
-        accuracy(logits, label)
+        # update() only: the metric is logged per epoch, so no per-batch value is computed.
+        accuracy.update(logits, label)
         on_step = training
         sync = not training
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=training, sync_dist=sync)

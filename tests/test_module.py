@@ -95,3 +95,17 @@ def test_fit_learns_and_logs_every_term() -> None:
     for key in ("train/loss_epoch", "train/objective", "train/harmonization", "train/acc", "val/acc", "val/harmonization"):
         assert key in metrics, key
     assert metrics["train/acc"] > 0.5  # the decoyed training set is easy
+
+
+def test_optimizer_and_scheduler_factories() -> None:
+    module = AlignedClassifier(
+        arch="cnn",
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-5),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[30, 60, 80], gamma=0.1),
+    )
+    config = module.configure_optimizers()
+    opt = config["optimizer"]
+    assert isinstance(opt, torch.optim.SGD) and config["lr_scheduler"]["interval"] == "epoch"
+    assert opt.param_groups[0]["weight_decay"] == 1e-5
+    n_params = sum(len(g["params"]) for g in opt.param_groups)
+    assert n_params == len(list(module.model.parameters()))

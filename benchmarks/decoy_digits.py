@@ -18,11 +18,13 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from harmonia.data import DecoyDigitsDataModule
 from harmonia.module import AlignedClassifier
@@ -38,8 +40,12 @@ VARIANTS = {
 }
 
 
-def run(arch: str, lam: float, decoy: str, seed: int, epochs: int, lr: float, saliency: str) -> float:
-    """Train one variant; return its test accuracy (decoy shade independent of the label)."""
+def run(arch: str, lam: float, decoy: str, seed: int, epochs: int, lr: float, saliency: str, select: str) -> float:
+    """Train one variant; return its test accuracy (decoy shade independent of the label).
+
+    ``select="best"`` tests the epoch with the best validation accuracy (validation decoys are
+    random too, as in the shipped configs' ModelCheckpoint); ``"last"`` the final weights.
+    """
     pl.seed_everything(seed, verbose=False)
     data = DecoyDigitsDataModule(batch_size=64, seed=seed, train_decoy=decoy)
     module = AlignedClassifier(
@@ -48,13 +54,16 @@ def run(arch: str, lam: float, decoy: str, seed: int, epochs: int, lr: float, sa
         saliency=saliency,
         optimizer=lambda params: torch.optim.Adam(params, lr=lr),
     )
-    trainer = pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
-        num_sanity_val_steps=0, limit_val_batches=0,
-    )
-    trainer.fit(module, datamodule=data)
-    return float(trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"])
+    with tempfile.TemporaryDirectory() as tmp:
+        best = ModelCheckpoint(dirpath=tmp, monitor="val/acc", mode="max")
+        trainer = pl.Trainer(
+            max_epochs=epochs, accelerator="cpu", devices=1, logger=False, callbacks=[best],
+            enable_checkpointing=True, enable_progress_bar=False, enable_model_summary=False,
+            inference_mode=False, num_sanity_val_steps=0, limit_val_batches=1.0 if select == "best" else 0,
+        )
+        trainer.fit(module, datamodule=data)
+        ckpt = "best" if select == "best" else None
+        return float(trainer.test(module if ckpt is None else None, datamodule=data, ckpt_path=ckpt, verbose=False)[0]["test/acc"])
 
 
 def main() -> None:
@@ -67,6 +76,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--saliency", choices=["signed", "abs"], default="signed")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--select", choices=["best", "last"], default="best", help="epoch tested: best validation accuracy, or last")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -75,7 +85,7 @@ def main() -> None:
         arch, lam, decoy = VARIANTS[name]
         lam = args.lam if lam is None else lam
         start = time.perf_counter()
-        accs = [run(arch, lam, decoy, seed, args.epochs, args.lr, args.saliency) for seed in args.seeds]
+        accs = [run(arch, lam, decoy, seed, args.epochs, args.lr, args.saliency, args.select) for seed in args.seeds]
         results[name] = {
             "mean": statistics.mean(accs),
             "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
@@ -84,7 +94,7 @@ def main() -> None:
         }
         print(f"{name:<22} {100 * results[name]['mean']:6.2f} ± {100 * results[name]['std']:5.2f}  {accs}", file=sys.stderr, flush=True)
 
-    results["settings"] = {"seeds": args.seeds, "epochs": args.epochs, "lambda": args.lam, "lr": args.lr, "saliency": args.saliency, "batch_size": 64}
+    results["settings"] = {"seeds": args.seeds, "epochs": args.epochs, "lambda": args.lam, "lr": args.lr, "saliency": args.saliency, "select": args.select, "batch_size": 64}
     print("\n| variant | arch | λ | train decoy | decoy-free test accuracy (mean ± std) |")
     print("|---|---|---|---|---|")
     for name in args.variants:

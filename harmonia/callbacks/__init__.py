@@ -1,0 +1,6 @@
+"""Lightning callbacks that read the model from the outside: probes, diagnostics, logging."""
+
+from harmonia.callbacks.logging import log_image
+from harmonia.callbacks.probe import balanced_indices, rank_shard
+
+__all__ = ["balanced_indices", "log_image", "rank_shard"]

@@ -2,5 +2,6 @@
 
 from harmonia.callbacks.logging import log_image
 from harmonia.callbacks.probe import balanced_indices, rank_shard
+from harmonia.callbacks.saliency import SaliencyMonitor
 
-__all__ = ["balanced_indices", "log_image", "rank_shard"]
+__all__ = ["SaliencyMonitor", "balanced_indices", "log_image", "rank_shard"]

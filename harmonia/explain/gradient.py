@@ -3,6 +3,8 @@
 Two readings of the same gradient ``∂ logit_y / ∂x``:
 - ``harmonization_saliency``: signed mean over channels (SPEC §1, what the reference trains);
 - ``gradient_saliency``: max over channels of |gradient| (SPEC §3, Xplique ``Saliency``).
+The attribution methods (``Saliency``, ``SmoothGrad``, ``IntegratedGradients``) are built on
+``input_gradient`` below.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ def harmonization_saliency(
 
 
 def gradient_saliency(model: nn.Module, inputs: Tensor, target: Tensor) -> Tensor:
-    """Xplique-style saliency: max over channels of ``|∂ logit_y / ∂x|``, shape ``(N,1,H,W)``."""
-    with torch.inference_mode(False), torch.enable_grad():
-        inputs = inputs.detach().clone().requires_grad_(True)
-        grad = input_gradient(model(inputs), inputs, target)
-    return grad.abs().amax(dim=1, keepdim=True)
+    """Xplique-style saliency: max over channels of ``|∂ logit_y / ∂x|``, shape ``(N,1,H,W)``.
+
+    Shorthand for ``harmonia.explain.Saliency("max_abs").attribute(model, inputs, target)``.
+    """
+    from harmonia.explain.saliency import Saliency  # local: saliency.py builds on this module
+
+    return Saliency("max_abs", batch_size=max(1, len(inputs))).attribute(model, inputs, target)

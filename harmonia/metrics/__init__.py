@@ -1,0 +1,48 @@
+"""Explanation metrics as torchmetrics ``Metric``s (plain PyTorch; sum states reduce under DDP).
+
+    build_metric("deletion", steps=10)   # → Deletion(...)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harmonia.metrics.alignment import HUMAN_CEILING, HumanAlignment, human_alignment
+from harmonia.metrics.base import ExplanationMetric
+from harmonia.metrics.correlation import spearman_rows
+from harmonia.metrics.fidelity import CausalFidelity, Deletion, Insertion, MuFidelity
+from harmonia.metrics.stability import AverageStability
+
+METRICS: dict[str, type[ExplanationMetric]] = {
+    "alignment": HumanAlignment,
+    "deletion": Deletion,
+    "insertion": Insertion,
+    "mufidelity": MuFidelity,
+    "stability": AverageStability,
+}
+
+
+def build_metric(name: str, **kwargs: Any) -> ExplanationMetric:
+    """Construct the metric registered as ``name`` with its keyword arguments."""
+    if name not in METRICS:
+        raise ValueError(f"unknown explanation metric {name!r}; registered: {', '.join(METRICS)}")
+    try:
+        return METRICS[name](**kwargs)
+    except TypeError as error:
+        raise TypeError(f"explanation metric {name!r}: {error}") from None
+
+
+__all__ = [
+    "AverageStability",
+    "CausalFidelity",
+    "Deletion",
+    "ExplanationMetric",
+    "HUMAN_CEILING",
+    "HumanAlignment",
+    "Insertion",
+    "METRICS",
+    "MuFidelity",
+    "build_metric",
+    "human_alignment",
+    "spearman_rows",
+]

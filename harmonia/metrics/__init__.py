@@ -28,8 +28,8 @@ def build_metric(name: str, **kwargs: Any) -> ExplanationMetric:
         raise ValueError(f"unknown explanation metric {name!r}; registered: {', '.join(METRICS)}")
     try:
         return METRICS[name](**kwargs)
-    except TypeError as error:
-        raise TypeError(f"explanation metric {name!r}: {error}") from None
+    except (TypeError, ValueError) as error:  # torchmetrics raises ValueError on unknown kwargs
+        raise type(error)(f"explanation metric {name!r}: {error}") from None
 
 
 __all__ = [

@@ -70,7 +70,9 @@ def log_image(trainer: pl.Trainer, key: str, image: Tensor | np.ndarray, caption
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             hwc = (chw.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            logger.log_image(key=key, images=[hwc], step=step, caption=[caption] if caption else None)
+            # Lightning's WandbLogger wants every extra kwarg as a list: pass caption only if set.
+            extra = {"caption": [caption]} if caption else {}
+            logger.log_image(key=key, images=[hwc], step=step, **extra)
             written.append("wandb")
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(key, chw, global_step=step)

@@ -192,7 +192,10 @@ class SaliencyMonitor(pl.Callback):
         with torch.inference_mode(False), eval_mode(pl_module):
             probe = self._probe_share(trainer, pl_module)
             device = pl_module.device
+            # Images in the parameters' dtype: a "bf16-true"/"16-true" model holds bf16 weights.
+            dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.float32)
             x, human, has_map, labels = (t.to(device) for t in probe)
+            x = x.to(dtype)
             with torch.no_grad():
                 predictions = pl_module(x).argmax(dim=-1) if len(x) else labels
             targets = labels if self.target == "label" else predictions
@@ -314,7 +317,8 @@ class SaliencyMonitor(pl.Callback):
         probe = self._grid_probe
         pictures = {"human": probe.human_map.float(), **dict(zip(maps, columns[:-1]))}
         labels = [f"y {int(y)} / p {int(p)}" for y, p in zip(probe.label, columns[-1].flatten())]
-        log_image(trainer, f"{self.prefix}/grid", saliency_grid(probe.image.float(), pictures, labels))
+        caption = " | ".join(["image", *pictures]) + f" (epoch {trainer.current_epoch}, step {trainer.global_step})"
+        log_image(trainer, f"{self.prefix}/grid", saliency_grid(probe.image.float(), pictures, labels), caption)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

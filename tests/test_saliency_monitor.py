@@ -1,0 +1,149 @@
+"""SaliencyMonitor: cadence, loggers (W&B, TensorBoard, CSV/PNG), inference-mode validate, DDP = 1 process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+from harmonia.callbacks import SaliencyMonitor
+from harmonia.callbacks.saliency import eval_mode
+from harmonia.data import DecoyDigitsDataModule
+from harmonia.module import AlignedClassifier
+
+METHODS = {
+    "saliency": {},
+    "smoothgrad": {"nb_samples": 3},
+    "ig": {"method": "integrated_gradients", "steps": 4},
+    "sobol": {"grid_size": 4, "nb_design": 4},
+}
+METRICS = {
+    "alignment": {},
+    "deletion": {"steps": 4},
+    "insertion": {"steps": 4},
+    "mufidelity": {"nb_samples": 8},
+    "stability": {"nb_samples": 2, "methods": ["saliency"]},
+}
+
+
+def _monitor(**kwargs) -> SaliencyMonitor:
+    return SaliencyMonitor(**{"methods": METHODS, "metrics": METRICS, **kwargs})
+
+
+def _module() -> AlignedClassifier:
+    torch.manual_seed(0)
+    return AlignedClassifier(arch="cnn", arch_args={"widths": [4, 4], "hidden": 8}, saliency="abs")
+
+
+def _trainer(**kwargs) -> pl.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, limit_val_batches=1, limit_train_batches=2, num_sanity_val_steps=0)
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def _saliency_values(results: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in results.items() if k.startswith("saliency/")}
+
+
+def _png(folder: Path) -> np.ndarray:
+    (path,) = sorted(folder.rglob("saliency_grid/*.png"))[-1:]
+    return np.asarray(Image.open(path))
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path: Path) -> None:
+    """Probe set split over 2 gloo processes (ddp_spawn): same metric values, same picture."""
+    data = DecoyDigitsDataModule(batch_size=32)
+    one = _trainer(logger=CSVLogger(tmp_path / "one"), callbacks=[_monitor()])
+    single = _saliency_values(one.validate(_module(), datamodule=data, verbose=False)[0])
+    two = _trainer(logger=CSVLogger(tmp_path / "two"), callbacks=[_monitor()], strategy="ddp_spawn", devices=2)
+    double = _saliency_values(two.validate(_module(), datamodule=data, verbose=False)[0])
+    assert len(single) == 4 * 2 + 4 * 3 + 1 + 1  # alignment ×2 keys, 3 fidelity metrics, stability, IG completeness
+    assert single.keys() == double.keys()
+    for key in single:
+        assert double[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
+    np.testing.assert_array_equal(_png(tmp_path / "two"), _png(tmp_path / "one"))
+
+
+def test_grid_goes_to_wandb_tensorboard_and_csv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    loggers = [CSVLogger(tmp_path / "csv"), TensorBoardLogger(tmp_path / "tb"), WandbLogger(save_dir=str(tmp_path), offline=True, project="t")]
+    monitor = SaliencyMonitor(methods=["saliency"], metrics=["alignment"], grid_rows=4)
+    trainer = _trainer(logger=loggers, callbacks=[monitor], max_epochs=1)
+    trainer.fit(_module(), datamodule=DecoyDigitsDataModule(batch_size=32))
+    import wandb
+
+    wandb.finish()
+    picture = _png(tmp_path / "csv")
+    assert picture.shape[0] > 4 * 96 and picture.shape[2] == 3  # 4 rows of ≥96 px tiles, RGB
+    metrics_csv = next((tmp_path / "csv").rglob("metrics.csv")).read_text()
+    assert "saliency/saliency/alignment_spearman" in metrics_csv
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    assert "saliency/grid" in events.Tags()["images"]
+    assert list(tmp_path.rglob("offline-run-*/files/media/images/saliency/grid_*.png"))
+
+
+def test_standalone_validate_in_inference_mode_matches_fit(tmp_path: Path) -> None:
+    """SPEC §10: trainer.validate runs under torch.inference_mode; the monitor must still work."""
+    module, data = _module(), DecoyDigitsDataModule(batch_size=32)
+    monitor = _monitor(every_n_epochs=1)
+    trainer = _trainer(callbacks=[monitor], max_epochs=1)
+    trainer.fit(module, datamodule=data)
+    after_fit = _saliency_values(trainer.callback_metrics)
+    inference = _saliency_values(_trainer(callbacks=[monitor], inference_mode=True).validate(module, datamodule=data, verbose=False)[0])
+    plain = _saliency_values(_trainer(callbacks=[monitor], inference_mode=False).validate(module, datamodule=data, verbose=False)[0])
+    assert inference.keys() == after_fit.keys() and inference
+    for key in inference:
+        assert inference[key] == pytest.approx(plain[key], rel=1e-6, abs=1e-7), key
+        assert inference[key] == pytest.approx(after_fit[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize(("every", "epochs", "expected"), [(2, 3, [1, "end"]), (1, 2, [0, 1]), (0, 2, ["end"])])
+def test_cadence_and_fit_end(every: int, epochs: int, expected: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    monitor = SaliencyMonitor(methods=["saliency"], metrics=["alignment"], every_n_epochs=every)
+    runs, modes = [], []
+    real = monitor.run
+
+    def spy(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, float]:
+        runs.append("end" if trainer.state.stage == "train" and not trainer.validating else trainer.current_epoch)
+        modes.append(module.training)
+        out = real(trainer, module)
+        modes.append(module.training)
+        return out
+
+    monkeypatch.setattr(monitor, "run", spy)
+    module = _module()
+    _trainer(callbacks=[monitor], max_epochs=epochs).fit(module, datamodule=DecoyDigitsDataModule(batch_size=32))
+    assert runs == expected
+    assert modes[::2] == modes[1::2]  # each run hands the model back in the mode it found it
+    labels = monitor._probe.label.tolist()
+    assert labels == list(range(10))  # one probe image per class, chosen once
+
+
+def test_eval_mode_restores_every_submodule() -> None:
+    module = torch.nn.Sequential(torch.nn.Dropout(), torch.nn.Sequential(torch.nn.Dropout()))
+    module.train()
+    module[1].eval()
+    with eval_mode(module):
+        assert not any(m.training for m in module.modules())
+    assert [m.training for m in module.modules()] == [True, True, False, False]
+
+
+def test_configuration_errors() -> None:
+    with pytest.raises(ValueError, match="unknown attribution method 'gradcam'"):
+        SaliencyMonitor(methods=["gradcam"])
+    with pytest.raises(ValueError, match="names unknown methods \\['sobol'\\]"):
+        SaliencyMonitor(methods=["saliency"], metrics={"deletion": {"methods": ["sobol"]}})
+    with pytest.raises(ValueError, match="at least one method"):
+        SaliencyMonitor(methods=[])
+    monitor = SaliencyMonitor(methods={"a": {"method": "saliency", "reduction": "mean_abs"}, "b": {"method": "sobol", "nb_design": 4}},
+                              metrics={"del": {"metric": "deletion", "methods": ["b"]}})
+    assert list(monitor.metrics) == [("b", "del")]

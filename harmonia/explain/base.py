@@ -30,7 +30,20 @@ from torch.nn.utils import parametrize
 from harmonia.explain.gradient import class_score, input_gradient
 
 Reduction = Literal["max_abs", "mean_abs", "mean", "sum"]
-REDUCTIONS: tuple[str, ...] = ("max_abs", "mean_abs", "mean", "sum")
+_REDUCERS: dict[str, Callable[[Tensor], Tensor]] = {
+    "max_abs": lambda a: a.abs().amax(dim=1, keepdim=True),
+    "mean_abs": lambda a: a.abs().mean(dim=1, keepdim=True),
+    "mean": lambda a: a.mean(dim=1, keepdim=True),
+    "sum": lambda a: a.sum(dim=1, keepdim=True),
+}
+REDUCTIONS: tuple[str, ...] = tuple(_REDUCERS)
+
+
+def check_reduction(reduction: str) -> Reduction:
+    """Return ``reduction`` if it is one of ``REDUCTIONS``; raise a clear error otherwise."""
+    if reduction not in _REDUCERS:
+        raise ValueError(f"unknown channel reduction {reduction!r}; use one of {REDUCTIONS}")
+    return reduction  # type: ignore[return-value]
 
 
 def reduce_channels(attribution: Tensor, reduction: Reduction) -> Tensor:
@@ -40,15 +53,7 @@ def reduce_channels(attribution: Tensor, reduction: Reduction) -> Tensor:
     harmonization loss trains; ``mean``: the reference loss's signed map and Xplique's default
     reducer; ``sum``: keeps Integrated Gradients' completeness (Σ map = f(x) − f(baseline)).
     """
-    if reduction == "max_abs":
-        return attribution.abs().amax(dim=1, keepdim=True)
-    if reduction == "mean_abs":
-        return attribution.abs().mean(dim=1, keepdim=True)
-    if reduction == "mean":
-        return attribution.mean(dim=1, keepdim=True)
-    if reduction == "sum":
-        return attribution.sum(dim=1, keepdim=True)
-    raise ValueError(f"unknown channel reduction {reduction!r}; use one of {REDUCTIONS}")
+    return _REDUCERS[check_reduction(reduction)](attribution)
 
 
 def check_batch(x: Tensor, target: Tensor) -> Tensor:

@@ -8,12 +8,12 @@ import torch
 from torch import Tensor, nn
 
 from harmonia.explain.base import (
-    REDUCTIONS,
     Explainer,
     Reduction,
     batched_gradients,
     batched_scores,
     check_batch,
+    check_reduction,
     reduce_channels,
 )
 
@@ -68,10 +68,8 @@ class IntegratedGradients(Explainer):
         batch_size: int = 64,
     ) -> None:
         super().__init__(batch_size)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"unknown channel reduction {reduction!r}; use one of {REDUCTIONS}")
         path_weights(int(steps), rule)  # validates steps and rule
-        self.steps, self.baseline, self.rule, self.reduction = int(steps), float(baseline), rule, reduction
+        self.steps, self.baseline, self.rule, self.reduction = int(steps), float(baseline), rule, check_reduction(reduction)
 
     def _per_channel(self, model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
         """``(N,C,H,W)`` attributions before the channel reduction."""

@@ -6,12 +6,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from harmonia.explain.base import Explainer
 from harmonia.explain.integrated_gradients import IntegratedGradients
 from harmonia.explain.saliency import Saliency, SmoothGrad
 from harmonia.explain.sobol import SobolAttribution
+
+T = TypeVar("T")
 
 EXPLAINERS: dict[str, type[Explainer]] = {
     "saliency": Saliency,
@@ -21,14 +24,22 @@ EXPLAINERS: dict[str, type[Explainer]] = {
 }
 
 
+def construct(registry: Mapping[str, Callable[..., T]], kind: str, name: str, kwargs: dict[str, Any]) -> T:
+    """``registry[name](**kwargs)`` with errors that name the ``kind`` and the entry.
+
+    Shared by ``build_explainer`` and ``harmonia.metrics.build_metric``.
+    """
+    if name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; registered: {', '.join(registry)}")
+    try:
+        return registry[name](**kwargs)
+    except (TypeError, ValueError) as error:  # an unknown or bad argument (torchmetrics: ValueError)
+        raise type(error)(f"{kind} {name!r}: {error}") from None
+
+
 def build_explainer(name: str, **kwargs: Any) -> Explainer:
     """Construct the method registered as ``name`` with its keyword arguments."""
-    if name not in EXPLAINERS:
-        raise ValueError(f"unknown attribution method {name!r}; registered: {', '.join(EXPLAINERS)}")
-    try:
-        return EXPLAINERS[name](**kwargs)
-    except TypeError as error:  # an unknown keyword: name the method in the message
-        raise TypeError(f"attribution method {name!r}: {error}") from None
+    return construct(EXPLAINERS, "attribution method", name, kwargs)
 
 
 def list_explainers() -> dict[str, str]:

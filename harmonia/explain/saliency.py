@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from harmonia.explain.base import REDUCTIONS, Explainer, Reduction, batched_gradients, check_positive, reduce_channels
+from harmonia.explain.base import Explainer, Reduction, batched_gradients, check_positive, check_reduction, reduce_channels
 
 
 class Saliency(Explainer):
@@ -26,9 +26,7 @@ class Saliency(Explainer):
 
     def __init__(self, reduction: Reduction = "max_abs", batch_size: int = 64) -> None:
         super().__init__(batch_size)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"unknown channel reduction {reduction!r}; use one of {REDUCTIONS}")
-        self.reduction = reduction
+        self.reduction = check_reduction(reduction)
 
     def _attribute(self, model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
         grads = torch.empty_like(x, dtype=torch.float32)
@@ -69,9 +67,7 @@ class SmoothGrad(Explainer):
         check_positive(nb_samples=nb_samples)
         if noise < 0:
             raise ValueError(f"noise must be >= 0; got {noise}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"unknown channel reduction {reduction!r}; use one of {REDUCTIONS}")
-        self.nb_samples, self.noise, self.reduction, self.seed = int(nb_samples), float(noise), reduction, int(seed)
+        self.nb_samples, self.noise, self.reduction, self.seed = int(nb_samples), float(noise), check_reduction(reduction), int(seed)
 
     def noise_samples(self, shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype) -> Tensor:
         """The ``(nb_samples, C, H, W)`` noise added to every image (see the class docstring)."""

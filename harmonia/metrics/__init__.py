@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from harmonia.explain.registry import construct
 from harmonia.metrics.alignment import HUMAN_CEILING, HumanAlignment, human_alignment
 from harmonia.metrics.base import ExplanationMetric
 from harmonia.metrics.correlation import spearman_rows
@@ -24,12 +25,7 @@ METRICS: dict[str, type[ExplanationMetric]] = {
 
 def build_metric(name: str, **kwargs: Any) -> ExplanationMetric:
     """Construct the metric registered as ``name`` with its keyword arguments."""
-    if name not in METRICS:
-        raise ValueError(f"unknown explanation metric {name!r}; registered: {', '.join(METRICS)}")
-    try:
-        return METRICS[name](**kwargs)
-    except (TypeError, ValueError) as error:  # torchmetrics raises ValueError on unknown kwargs
-        raise type(error)(f"explanation metric {name!r}: {error}") from None
+    return construct(METRICS, "explanation metric", name, kwargs)
 
 
 __all__ = [

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from harmonia.metrics.base import ExplanationMetric, as_map
+from harmonia.metrics.base import SampleMean, as_map
 from harmonia.metrics.correlation import spearman_rows
 
 HUMAN_CEILING = 0.65753
@@ -27,7 +27,7 @@ def human_alignment(saliency: Tensor, human_maps: Tensor) -> Tensor:
     return spearman_rows(saliency.flatten(1), human.flatten(1))
 
 
-class HumanAlignment(ExplanationMetric):
+class HumanAlignment(SampleMean):
     """Mean per-image Spearman correlation between explanations and human maps.
 
     ``compute()`` returns ``{"spearman": mean ρ, "score": mean ρ / 0.65753}`` (the paper's
@@ -44,8 +44,6 @@ class HumanAlignment(ExplanationMetric):
         if not 0 < ceiling <= 1:
             raise ValueError(f"ceiling must lie in (0, 1]; got {ceiling}")
         self.ceiling = float(ceiling)
-        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, explanations: Tensor, human_maps: Tensor, has_map: Tensor | None = None) -> None:
         """Add the correlations of the mapped samples of a batch."""
@@ -54,11 +52,9 @@ class HumanAlignment(ExplanationMetric):
             explanations, human_maps = explanations[keep], human_maps[keep.to(human_maps.device)]
         if len(explanations) == 0:
             return
-        rho = human_alignment(explanations, human_maps)
-        self.total += rho.sum().to(self.total)
-        self.count += len(rho)
+        self.add(human_alignment(explanations, human_maps))
 
     def compute(self) -> dict[str, Tensor]:
         """``{"spearman", "score"}``: batch mean ρ and ρ / ceiling."""
-        mean = self.total / self.count if self.count > 0 else torch.full_like(self.total, float("nan"))
-        return {"spearman": mean.float(), "score": (mean / self.ceiling).float()}
+        mean = super().compute()
+        return {"spearman": mean, "score": mean / self.ceiling}

@@ -27,6 +27,26 @@ class ExplanationMetric(Metric):
     is_differentiable = False
 
 
+class SampleMean(ExplanationMetric):
+    """A metric that is the mean of one value per image: sum and count states (float64)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def add(self, values: Tensor) -> None:
+        """Add per-image values ``(N,)``."""
+        self.total += values.double().sum().to(self.total)
+        self.count += len(values)
+
+    def compute(self) -> Tensor:
+        """Mean over images; NaN when nothing was scored (nothing was measured, not zero)."""
+        if self.count == 0:
+            return torch.tensor(float("nan"))
+        return (self.total / self.count).float()
+
+
 def as_map(explanations: Tensor, size: tuple[int, int], what: str = "explanations") -> Tensor:
     """``(N,1,H,W)`` float maps from ``(N,H,W)`` or ``(N,C,H,W)`` (channels averaged, as Xplique).
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harmonia.explain.base import Activation, batched_scores, check_batch
-from harmonia.metrics.base import ExplanationMetric, as_map
+from harmonia.metrics.base import ExplanationMetric, SampleMean, as_map
 from harmonia.metrics.correlation import spearman_rows
 
 
@@ -132,7 +132,7 @@ class Insertion(CausalFidelity):
         super().__init__(mode="insertion", **kwargs)
 
 
-class MuFidelity(ExplanationMetric):
+class MuFidelity(SampleMean):
     """MuFidelity (Bhatt et al. 2020): explanation mass of random subsets vs the score they carry.
 
     For each of ``nb_samples`` random subsets ``S`` (each cell of a ``grid_size²`` grid joins
@@ -178,8 +178,6 @@ class MuFidelity(ExplanationMetric):
         generator = torch.Generator().manual_seed(self.seed)
         draws = torch.rand(self.nb_samples, 1, self.grid_size, self.grid_size, generator=generator)
         self._removed = (draws < self.subset_percent).float()  # 1 = the cell is set to baseline
-        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def removed_masks(self, size: tuple[int, int], device: torch.device) -> Tensor:
         """``(nb_samples, 1, H, W)`` masks, 1 where a pixel is set to the baseline."""
@@ -205,14 +203,5 @@ class MuFidelity(ExplanationMetric):
 
     def update(self, model: nn.Module, inputs: Tensor, targets: Tensor, explanations: Tensor) -> None:
         """Add the correlations of a batch."""
-        if len(inputs) == 0:
-            return
-        rho = self.correlations(model, inputs, targets, explanations)
-        self.total += rho.sum().to(self.total)
-        self.count += len(rho)
-
-    def compute(self) -> Tensor:
-        """Mean correlation over images; NaN when nothing was scored."""
-        if self.count == 0:
-            return torch.tensor(float("nan"))
-        return (self.total / self.count).float()
+        if len(inputs):
+            self.add(self.correlations(model, inputs, targets, explanations))

@@ -8,12 +8,12 @@ import torch
 from torch import Tensor, nn
 
 from harmonia.explain.base import Explainer, check_batch
-from harmonia.metrics.base import ExplanationMetric, as_map
+from harmonia.metrics.base import SampleMean, as_map
 
 Distance = Literal["l2", "l1", "squared_l2"]
 
 
-class AverageStability(ExplanationMetric):
+class AverageStability(SampleMean):
     """Mean distance between the explanation of ``x`` and those of ``x + u_s``, ``s = 1..nb_samples``.
 
     ``u_s`` is uniform in ``[0, radius)`` per input value (one-sided, as Xplique), drawn once
@@ -46,8 +46,6 @@ class AverageStability(ExplanationMetric):
         if distance not in ("l2", "l1", "squared_l2"):
             raise ValueError(f"distance must be 'l2', 'l1' or 'squared_l2'; got {distance!r}")
         self.radius, self.nb_samples, self.distance, self.seed = float(radius), int(nb_samples), distance, int(seed)
-        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def noise(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
         """The ``(nb_samples, *shape)`` offsets added to every image."""
@@ -82,14 +80,5 @@ class AverageStability(ExplanationMetric):
         self, model: nn.Module, explainer: Explainer, inputs: Tensor, targets: Tensor, explanations: Tensor | None = None
     ) -> None:
         """Add the mean distances of a batch."""
-        if len(inputs) == 0:
-            return
-        d = self.distances(model, explainer, inputs, targets, explanations)
-        self.total += d.sum().to(self.total)
-        self.count += len(d)
-
-    def compute(self) -> Tensor:
-        """Mean over images; NaN when nothing was scored."""
-        if self.count == 0:
-            return torch.tensor(float("nan"))
-        return (self.total / self.count).float()
+        if len(inputs):
+            self.add(self.distances(model, explainer, inputs, targets, explanations))

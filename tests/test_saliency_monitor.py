@@ -70,14 +70,15 @@ def test_ddp_two_processes_equal_one_process(tmp_path: Path) -> None:
 
 
 def test_grid_goes_to_wandb_tensorboard_and_csv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import wandb
+
+    wandb.finish()  # a run left open by an earlier test would be reused and write elsewhere
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     loggers = [CSVLogger(tmp_path / "csv"), TensorBoardLogger(tmp_path / "tb"), WandbLogger(save_dir=str(tmp_path), offline=True, project="t")]
     monitor = SaliencyMonitor(methods=["saliency"], metrics=["alignment"], grid_rows=4)
     trainer = _trainer(logger=loggers, callbacks=[monitor], max_epochs=1)
     trainer.fit(_module(), datamodule=DecoyDigitsDataModule(batch_size=32))
-    import wandb
-
     wandb.finish()
     picture = _png(tmp_path / "csv")
     assert picture.shape[0] > 4 * 96 and picture.shape[2] == 3  # 4 rows of ≥96 px tiles, RGB

@@ -104,7 +104,8 @@ class SaliencyMonitor(pl.Callback):
             ``label → {metric: name, methods: [method labels], **kwargs}``; by default each
             metric scores every method (``stability`` re-explains ``nb_samples`` neighbours per
             image: restrict it to cheap methods).
-        every_n_epochs: run after the validation of every n-th epoch (0: only at the end of fit).
+        every_n_epochs: run after the validation of every n-th epoch (0: only at the end of
+            fit); an epoch without validation (``check_val_every_n_epoch``) has no run.
         at_fit_end: also run when fit ends (skipped if the last epoch already ran).
         per_class: probe images per class.
         num_classes: classes to balance over; default: the dataset's or the module's

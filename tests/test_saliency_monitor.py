@@ -148,3 +148,31 @@ def test_configuration_errors() -> None:
     monitor = SaliencyMonitor(methods={"a": {"method": "saliency", "reduction": "mean_abs"}, "b": {"method": "sobol", "nb_design": 4}},
                               metrics={"del": {"metric": "deletion", "methods": ["b"]}})
     assert list(monitor.metrics) == [("b", "del")]
+
+
+def test_probe_from_a_stream(tmp_path: Path) -> None:
+    """Validation data without random access (tar shards): the first images of each class."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from harmonia.data import DecoyDigits
+
+    class Stream(IterableDataset):
+        def __init__(self) -> None:
+            self.digits, self.num_classes = DecoyDigits("val"), 10
+
+        def __iter__(self):
+            return (self.digits[i] for i in range(len(self.digits)))
+
+    class StreamData(pl.LightningDataModule):
+        def val_dataloader(self) -> DataLoader:
+            return DataLoader(Stream(), batch_size=16)
+
+    monitor = SaliencyMonitor(methods=["saliency"], metrics=["alignment"], per_class=2, grid_rows=3)
+    result = _trainer(callbacks=[monitor], logger=CSVLogger(tmp_path)).validate(_module(), datamodule=StreamData(), verbose=False)[0]
+    assert "saliency/saliency/alignment_spearman" in result
+    labels = monitor._probe.label.tolist()
+    assert sorted(labels) == sorted(list(range(10)) * 2)
+    digits = DecoyDigits("val")
+    first = [next(i for i in range(len(digits)) if int(digits.labels[i]) == c) for c in range(10)]
+    assert torch.equal(monitor._probe.image[::2], digits.images[first])  # the first of each class, in class order
+    assert _png(tmp_path).shape[0] > 3 * 96

@@ -171,3 +171,27 @@ def test_bank_reorder_and_pictures() -> None:
     assert mosaic.shape[0] == 3 and mosaic.shape[1] >= 3 * 48 and 0 <= mosaic.min() and mosaic.max() <= 1
     overlay = attribution_overlay(torch.rand(2, 1, 16, 16), torch.rand(2, 2, 16, 16))
     assert overlay.shape[0] == 3 and overlay.shape[1] >= 2 * 64 and overlay.shape[2] >= 3 * 64
+
+
+def test_normalized_nmf_finds_the_same_concepts_at_any_activation_scale() -> None:
+    """Craft divides activations by their mean before NMF, so alpha_W means the same at any layer."""
+    images = _colour_blocks(12)
+    banks = {}
+    for scale in (1.0, 100.0):
+        model = nn.Sequential(nn.AvgPool2d(4), _Scale(scale), _ColourHead()).eval()
+        banks[scale] = Craft(model, 1, n_concepts=3, patch_size=8, nb_design=16).fit(images, 0)
+    torch.testing.assert_close(banks[100.0].components / 100, banks[1.0].components, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(banks[100.0].coefficients, banks[1.0].coefficients, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(banks[100.0].importance, banks[1.0].importance, rtol=1e-3, atol=1e-4)
+    # without normalization the same alpha_W is a much stronger penalty on the small activations
+    small = Craft(nn.Sequential(nn.AvgPool2d(4), _Scale(0.01), _ColourHead()), 1, n_concepts=3, patch_size=8, normalize=False)
+    assert small.fit(images, 0, importance=False).reconstruction_error > 2 * banks[1.0].reconstruction_error
+
+
+class _Scale(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor

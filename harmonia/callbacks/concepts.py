@@ -148,10 +148,11 @@ class ConceptMonitor(pl.Callback):
         acts = gather_shards(pl_module, craft.crop_activations(crops[mine], tuple(images.shape[-2:])), len(crops))
         # NMF once, on rank zero; the other ranks only need the bank for the importance.
         bank = craft.factorize(acts, crops, source, c) if rank == 0 else None
-        shared = (bank.components.cpu(), bank.reconstruction_error) if bank is not None else None
-        components, error = trainer.strategy.broadcast(shared, src=0)
+        shared = (bank.components.cpu(), bank.reconstruction_error, bank.scale) if bank is not None else None
+        components, error, scale = trainer.strategy.broadcast(shared, src=0)
         if bank is None:
-            bank = ConceptBank(c, components.to(acts.device), acts.new_zeros(0, len(components)), crops[:0], source[:0], error)
+            empty = acts.new_zeros(0, len(components))
+            bank = ConceptBank(c, components.to(acts.device), empty, crops[:0], source[:0], error, scale=scale)
         mine = rank_shard(range(len(images)), rank, world)
         per_image = gather_shards(pl_module, craft.importance(bank, images[mine]), len(images))
         bank.importance = per_image.mean(0)

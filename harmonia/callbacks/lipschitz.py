@@ -54,6 +54,7 @@ class LipschitzMonitor(pl.Callback):
         layers_every_n_epochs: cadence of the per-layer check (``None``: ``every_n_epochs``);
             ``lipschitz_bound`` power-iterates each convolution on its real input size, which
             costs more than the rest, so it can run less often.
+        check_layers: ``False`` skips the per-layer check altogether (also in ``validate``).
         tolerance: a layer (or the empirical bound) above ``1 + tolerance`` triggers a warning.
         stage: take the probe from the ``"val"`` or ``"train"`` dataset.
         seed: probe selection seed.
@@ -68,6 +69,7 @@ class LipschitzMonitor(pl.Callback):
         classes: list[int] | None = None,
         every_n_epochs: int = 1,
         layers_every_n_epochs: int | None = None,
+        check_layers: bool = True,
         tolerance: float = 1e-3,
         stage: Literal["val", "train"] = "val",
         seed: int = 0,
@@ -84,6 +86,7 @@ class LipschitzMonitor(pl.Callback):
         self.classes = classes
         self.every_n_epochs = every_n_epochs
         self.layers_every_n_epochs = layers_every_n_epochs or every_n_epochs
+        self.check_layers = check_layers
         self.tolerance = tolerance
         self.stage = stage
         self.seed = seed
@@ -105,7 +108,7 @@ class LipschitzMonitor(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Measure and log when due."""
         measure = is_due(trainer, self.every_n_epochs)
-        check_layers = is_due(trainer, self.layers_every_n_epochs)
+        check_layers = self.check_layers and is_due(trainer, self.layers_every_n_epochs)
         if not (measure or check_layers):
             return
         model = monitored_model(pl_module, self.model_attr)
@@ -140,7 +143,7 @@ class LipschitzMonitor(pl.Callback):
                 accuracy.update(logits.detach(), labels[index].to(device))
                 largest.update(norms)
                 mean.update(norms)
-            results = {f"lipschitz/certified_acc@{eps:g}": float(v) for eps, v in zip(self.epsilons, accuracy.compute())}
+            results = {f"lipschitz/certified_acc@{eps:g}": float(v) for eps, v in zip(self.epsilons, accuracy.compute().reshape(-1))}
             results["lipschitz/empirical_lower_bound"] = float(largest.compute())
             results["lipschitz/empirical_mean"] = float(mean.compute())
         if results["lipschitz/empirical_lower_bound"] > 1 + self.tolerance:

@@ -22,6 +22,7 @@ Previous banks are saved in checkpoints, so drift continues after a resume.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -44,6 +45,13 @@ class ConceptRun:
     importance: Tensor
     drift: float | None
     logged: list[str] = field(default_factory=list)
+
+
+def _on_shard(fn: Callable[[Tensor], Tensor], items: Tensor, rank: int, world: int) -> Tensor:
+    """``fn`` of this rank's strided share of ``items``; an empty share still yields the right width."""
+    mine = rank_shard(range(len(items)), rank, world)
+    # More ranks than items: run one item to learn the output's shape, so all_gather matches.
+    return fn(items[mine]) if mine else fn(items[:1])[:0]
 
 
 class ConceptMonitor(pl.Callback):
@@ -144,8 +152,8 @@ class ConceptMonitor(pl.Callback):
         images = self._probe[c]
         rank, world = trainer.global_rank, trainer.world_size
         crops, source = craft.crops(images)
-        mine = rank_shard(range(len(crops)), rank, world)
-        acts = gather_shards(pl_module, craft.crop_activations(crops[mine], tuple(images.shape[-2:])), len(crops))
+        size = tuple(images.shape[-2:])
+        acts = gather_shards(pl_module, _on_shard(lambda x: craft.crop_activations(x, size), crops, rank, world), len(crops))
         # NMF once, on rank zero; the other ranks only need the bank for the importance.
         bank = craft.factorize(acts, crops, source, c) if rank == 0 else None
         shared = (bank.components.cpu(), bank.reconstruction_error, bank.scale) if bank is not None else None
@@ -153,8 +161,7 @@ class ConceptMonitor(pl.Callback):
         if bank is None:
             empty = acts.new_zeros(0, len(components))
             bank = ConceptBank(c, components.to(acts.device), empty, crops[:0], source[:0], error, scale=scale)
-        mine = rank_shard(range(len(images)), rank, world)
-        per_image = gather_shards(pl_module, craft.importance(bank, images[mine]), len(images))
+        per_image = gather_shards(pl_module, _on_shard(lambda x: craft.importance(bank, x), images, rank, world), len(images))
         bank.importance = per_image.mean(0)
 
         previous = self.previous.get(c)

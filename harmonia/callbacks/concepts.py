@@ -174,11 +174,13 @@ class ConceptMonitor(pl.Callback):
         self.previous[c] = bank.components.detach().cpu().clone()
 
         prefix = f"concepts/class_{c}"
+        # Every rank holds the same values; sync_dist averages identical numbers (no change) and
+        # keeps Lightning from warning about unsynchronized epoch-level logs under DDP.
         for j, value in enumerate(bank.importance.tolist()):
-            pl_module.log(f"{prefix}/importance/concept_{j}", value)
-        pl_module.log(f"{prefix}/reconstruction_error", bank.reconstruction_error)
+            pl_module.log(f"{prefix}/importance/concept_{j}", value, sync_dist=True)
+        pl_module.log(f"{prefix}/reconstruction_error", bank.reconstruction_error, sync_dist=True)
         if drift is not None:
-            pl_module.log(f"{prefix}/drift", drift)
+            pl_module.log(f"{prefix}/drift", drift, sync_dist=True)
         logged = self._pictures(trainer, craft, bank, images, prefix) if rank == 0 else []
         return ConceptRun(bank, bank.importance.cpu(), drift, logged)
 

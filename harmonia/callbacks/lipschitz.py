@@ -122,7 +122,7 @@ class LipschitzMonitor(pl.Callback):
         if check_layers:
             results.update(self._check_layers(model))
         for key, value in results.items():
-            pl_module.log(key, value)
+            pl_module.log(key, value, sync_dist=True)  # same value on every rank: the mean changes nothing
         self.results = results
 
     def _certify(self, trainer: pl.Trainer, model: nn.Module, certificate: str) -> dict[str, float]:

@@ -165,6 +165,12 @@ class ConceptMonitor(pl.Callback):
         bank.importance = per_image.mean(0)
 
         previous = self.previous.get(c)
+        if previous is not None and previous.shape != bank.components.shape:
+            rank_zero_warn(
+                f"ConceptMonitor: class {c}'s previous bank has shape {tuple(previous.shape)}, the new one "
+                f"{tuple(bank.components.shape)} (n_concepts or layer changed since the checkpoint): drift restarts"
+            )
+            previous = None
         if previous is None:
             order, drift = bank.importance.argsort(descending=True).cpu(), None
         else:

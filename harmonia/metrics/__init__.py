@@ -1,4 +1,4 @@
-"""Explanation metrics as torchmetrics ``Metric``s (plain PyTorch; sum states reduce under DDP).
+"""Explanation and robustness metrics as torchmetrics ``Metric``s (plain PyTorch; sum states reduce under DDP).
 
     build_metric("deletion", steps=10)   # → Deletion(...)
 """
@@ -10,6 +10,7 @@ from typing import Any
 from harmonia.explain.registry import construct
 from harmonia.metrics.alignment import HUMAN_CEILING, HumanAlignment, human_alignment
 from harmonia.metrics.base import ExplanationMetric
+from harmonia.metrics.certified import CertifiedAccuracy, certified_radius, model_certificate
 from harmonia.metrics.correlation import spearman_rows
 from harmonia.metrics.fidelity import CausalFidelity, Deletion, Insertion, MuFidelity
 from harmonia.metrics.stability import AverageStability
@@ -31,6 +32,7 @@ def build_metric(name: str, **kwargs: Any) -> ExplanationMetric:
 __all__ = [
     "AverageStability",
     "CausalFidelity",
+    "CertifiedAccuracy",
     "Deletion",
     "ExplanationMetric",
     "HUMAN_CEILING",
@@ -39,6 +41,8 @@ __all__ = [
     "METRICS",
     "MuFidelity",
     "build_metric",
+    "certified_radius",
     "human_alignment",
+    "model_certificate",
     "spearman_rows",
 ]

@@ -1,0 +1,206 @@
+"""``ConceptMonitor``: CRAFT concepts of chosen classes during training, and how they drift.
+
+At the end of a validation epoch (every ``every_n_epochs`` epochs and at the last one; always
+in a stand-alone ``validate``), for each configured class, on a fixed probe of that class's
+images (chosen once with ``harmonia.callbacks.probe``):
+1. concept bank and importance with :class:`harmonia.concepts.Craft`;
+2. drift: the new bank is matched one-to-one to the previous run's by cosine similarity
+   (Hungarian assignment) and *renumbered* so concept ``j`` keeps its identity from run to
+   run; the mean matched similarity is the drift score (1.0 = unchanged). On the first run
+   concepts are numbered by decreasing importance;
+3. logs scalars ``concepts/class_<c>/importance/concept_<j>``, ``…/drift`` (from the second
+   run on) and ``…/reconstruction_error`` (``‖A − UW‖/‖A‖`` of the crops' activations), and
+   two pictures through ``log_image``: ``…/mosaic`` (a row per concept, most important first:
+   its number, importance and top crops) and ``…/attribution`` (probe images tinted by the
+   most important concepts' attribution maps, in the mosaic's colours).
+
+Under DDP the crops' activations and the per-image Sobol indices are computed on disjoint
+shards and gathered in probe order; rank zero factorizes and broadcasts the bank, so every
+rank holds the same numbers (equal to a 1-process run) and rank zero draws the pictures.
+Previous banks are saved in checkpoints, so drift continues after a resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+
+from harmonia.callbacks.logging import log_image
+from harmonia.callbacks.monitor import evaluation, gather_shards, is_due, monitored_model
+from harmonia.callbacks.probe import load_probe, probe_dataset, rank_shard
+from harmonia.concepts import ConceptBank, Craft, attribution_overlay, concept_mosaic, match_concepts
+
+
+@dataclass
+class ConceptRun:
+    """What one run of the monitor found for one class (kept in ``ConceptMonitor.results``)."""
+
+    bank: ConceptBank
+    importance: Tensor
+    drift: float | None
+    logged: list[str] = field(default_factory=list)
+
+
+def _on_shard(fn: Callable[[Tensor], Tensor], items: Tensor, rank: int, world: int) -> Tensor:
+    """``fn`` of this rank's strided share of ``items``; an empty share still yields the right width."""
+    mine = rank_shard(range(len(items)), rank, world)
+    # More ranks than items: run one item to learn the output's shape, so all_gather matches.
+    return fn(items[mine]) if mine else fn(items[:1])[:0]
+
+
+class ConceptMonitor(pl.Callback):
+    """CRAFT concept bank, importance ranking, mosaic and drift for ``classes`` during training.
+
+    Args:
+        layer: split layer of the monitored model (index into an ``nn.Sequential`` or module
+            name); its output must be non-negative. ``lipschitz_cnn`` with two stages: ``5``
+            (the second L2-norm pooling); ``cnn``: ``5`` (its second max pooling).
+        classes: class indices to explain.
+        n_concepts: concepts per class.
+        patch_size: crop side in pixels (stride ``int(0.8·patch_size)``).
+        images_per_class: probe images per class (fewer if the class has fewer).
+        nb_design: Halton design size of the importance estimate.
+        top_crops: crops shown per concept in the mosaic.
+        attribution_images: probe images shown in the attribution picture (0: no picture).
+        attribution_concepts: most important concepts shown there.
+        every_n_epochs: cadence during ``fit`` (the last epoch always runs).
+        stage: take the probe from the ``"val"`` or ``"train"`` dataset.
+        seed: probe selection seed.
+        batch_size: rows per forward.
+        model_attr: attribute of the LightningModule holding the classifier (``None``: the module).
+    """
+
+    def __init__(
+        self,
+        layer: int | str,
+        classes: list[int],
+        n_concepts: int = 10,
+        patch_size: int = 64,
+        images_per_class: int = 20,
+        nb_design: int = 32,
+        top_crops: int = 8,
+        attribution_images: int = 4,
+        attribution_concepts: int = 3,
+        every_n_epochs: int = 5,
+        stage: Literal["val", "train"] = "val",
+        seed: int = 0,
+        batch_size: int = 256,
+        model_attr: str | None = "model",
+    ) -> None:
+        if not classes:
+            raise ValueError("ConceptMonitor needs at least one class in `classes`")
+        if every_n_epochs < 1 or images_per_class < 1 or top_crops < 1:
+            raise ValueError("every_n_epochs, images_per_class and top_crops must be >= 1")
+        self.layer = layer
+        self.classes = [int(c) for c in classes]
+        self.craft_args = {"n_concepts": n_concepts, "patch_size": patch_size, "nb_design": nb_design, "batch_size": batch_size}
+        self.images_per_class = images_per_class
+        self.top_crops = top_crops
+        self.attribution_images = attribution_images
+        self.attribution_concepts = attribution_concepts
+        self.every_n_epochs = every_n_epochs
+        self.stage = stage
+        self.seed = seed
+        self.model_attr = model_attr
+        self.previous: dict[int, Tensor] = {}  # class -> last bank (k, channels), in concept order
+        self.results: dict[int, ConceptRun] = {}
+        self._probe: dict[int, Tensor] | None = None
+
+    @property
+    def state_key(self) -> str:
+        """Distinct per layer and classes, so two monitors can share a checkpoint."""
+        return self._generate_state_key(layer=self.layer, classes=self.classes)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The previous banks, for drift after a resume."""
+        return {"previous": {str(c): w.cpu() for c, w in self.previous.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the previous banks."""
+        self.previous = {int(c): w for c, w in state_dict.get("previous", {}).items()}
+
+    def _load_probe(self, trainer: pl.Trainer) -> dict[int, Tensor]:
+        dataset = probe_dataset(trainer, self.stage)
+        images, labels = load_probe(dataset, self.images_per_class, max(self.classes) + 1, self.classes, self.seed)
+        probe = {c: images[labels == c] for c in self.classes}
+        for c, imgs in probe.items():
+            if len(imgs) == 0:
+                raise ValueError(f"ConceptMonitor: the {self.stage} dataset has no image of class {c}")
+            if len(imgs) < self.images_per_class:
+                rank_zero_warn(f"ConceptMonitor: class {c} has only {len(imgs)} {self.stage} images (asked {self.images_per_class})")
+        return probe
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run CRAFT for every configured class when due."""
+        if not is_due(trainer, self.every_n_epochs):
+            return
+        if self._probe is None:
+            self._probe = self._load_probe(trainer)
+        model = monitored_model(pl_module, self.model_attr)
+        craft = Craft(model, self.layer, seed=self.seed, **self.craft_args)
+        with evaluation(model, grad=False):
+            for c in self.classes:
+                self.results[c] = self._run_class(trainer, pl_module, craft, c)
+
+    def _run_class(self, trainer: pl.Trainer, pl_module: pl.LightningModule, craft: Craft, c: int) -> ConceptRun:
+        images = self._probe[c]
+        rank, world = trainer.global_rank, trainer.world_size
+        crops, source = craft.crops(images)
+        size = tuple(images.shape[-2:])
+        acts = gather_shards(pl_module, _on_shard(lambda x: craft.crop_activations(x, size), crops, rank, world), len(crops))
+        # NMF once, on rank zero; the other ranks only need the bank for the importance.
+        bank = craft.factorize(acts, crops, source, c) if rank == 0 else None
+        shared = (bank.components.cpu(), bank.reconstruction_error, bank.scale) if bank is not None else None
+        components, error, scale = trainer.strategy.broadcast(shared, src=0)
+        if bank is None:
+            empty = acts.new_zeros(0, len(components))
+            bank = ConceptBank(c, components.to(acts.device), empty, crops[:0], source[:0], error, scale=scale)
+        per_image = gather_shards(pl_module, _on_shard(lambda x: craft.importance(bank, x), images, rank, world), len(images))
+        bank.importance = per_image.mean(0)
+
+        previous = self.previous.get(c)
+        if previous is not None and previous.shape != bank.components.shape:
+            rank_zero_warn(
+                f"ConceptMonitor: class {c}'s previous bank has shape {tuple(previous.shape)}, the new one "
+                f"{tuple(bank.components.shape)} (n_concepts or layer changed since the checkpoint): drift restarts"
+            )
+            previous = None
+        if previous is None:
+            order, drift = bank.importance.argsort(descending=True).cpu(), None
+        else:
+            matching = match_concepts(previous.to(bank.components.device), bank.components)
+            order, drift = matching.order, matching.score
+        bank = bank.reorder(order)
+        self.previous[c] = bank.components.detach().cpu().clone()
+
+        prefix = f"concepts/class_{c}"
+        # Every rank holds the same values; sync_dist averages identical numbers (no change) and
+        # keeps Lightning from warning about unsynchronized epoch-level logs under DDP.
+        for j, value in enumerate(bank.importance.tolist()):
+            pl_module.log(f"{prefix}/importance/concept_{j}", value, sync_dist=True)
+        pl_module.log(f"{prefix}/reconstruction_error", bank.reconstruction_error, sync_dist=True)
+        if drift is not None:
+            pl_module.log(f"{prefix}/drift", drift, sync_dist=True)
+        logged = self._pictures(trainer, craft, bank, images, prefix) if rank == 0 else []
+        return ConceptRun(bank, bank.importance.cpu(), drift, logged)
+
+    def _pictures(self, trainer: pl.Trainer, craft: Craft, bank: ConceptBank, images: Tensor, prefix: str) -> list[str]:
+        """The mosaic and attribution pictures (rank zero); returns where they went."""
+        ranked = bank.importance.argsort(descending=True).tolist()
+        crops = bank.top_crops(self.top_crops)[ranked]
+        labels = [f"concept {j}\nimp {float(bank.importance[j]):.3f}" for j in ranked]
+        epoch = f"epoch {trainer.current_epoch}"
+        logged = log_image(trainer, f"{prefix}/mosaic", concept_mosaic(crops, labels, colors=ranked), caption=epoch)
+        shown = ranked[: self.attribution_concepts]
+        if self.attribution_images > 0 and shown:
+            sample = images[: self.attribution_images]
+            maps = craft.attribution_maps(bank, sample)[:, shown]
+            picture = attribution_overlay(sample, maps, colors=shown)
+            logged += log_image(trainer, f"{prefix}/attribution", picture, caption=f"{epoch}; concepts {shown}")
+        return logged

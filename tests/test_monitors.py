@@ -1,0 +1,147 @@
+"""ConceptMonitor and LipschitzMonitor: loggers, stand-alone validate, cadence, drift, DDP, bf16 warning."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+from harmonia.callbacks import ConceptMonitor, LipschitzMonitor
+from harmonia.data import DecoyDigitsDataModule
+from harmonia.module import AlignedClassifier
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+import monitors_run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small Lipschitz CNN trained for 12 steps (concepts of an untrained net are near-ties)."""
+    torch.manual_seed(0)
+    module = AlignedClassifier(arch="lipschitz_cnn", arch_args=monitors_run.SMALL, lambda_harmonization=0.0,
+                               optimizer=lambda p: torch.optim.Adam(p, lr=5e-3))
+    pl.Trainer(accelerator="cpu", max_steps=12, limit_val_batches=0, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(module, datamodule=DecoyDigitsDataModule(batch_size=64))
+    path = tmp_path_factory.mktemp("weights") / "small.pt"
+    torch.save(module.state_dict(), path)
+    return path
+
+
+def _module(weights: Path) -> AlignedClassifier:
+    module = AlignedClassifier(arch="lipschitz_cnn", arch_args=monitors_run.SMALL)
+    module.load_state_dict(torch.load(weights))
+    return module
+
+
+@pytest.mark.parametrize("kind", ["csv", "tensorboard", "wandb"])
+def test_standalone_validate_writes_scalars_and_pictures(kind: str, weights: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stand-alone validate runs under torch.inference_mode (SPEC §10); pictures reach each logger."""
+    if kind == "csv":
+        logger = CSVLogger(tmp_path)
+    elif kind == "tensorboard":
+        logger = TensorBoardLogger(tmp_path)
+    else:
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="harmonia-test")
+    concepts, lipschitz = monitors_run.monitors()
+    concepts.attribution_images = 2
+    lipschitz.check_layers = kind == "csv"  # lipschitz_bound's power iterations: once is enough
+    trainer = pl.Trainer(accelerator="cpu", logger=logger, callbacks=[concepts, lipschitz], inference_mode=True,
+                         limit_val_batches=1, enable_progress_bar=False, enable_model_summary=False)
+    metrics = trainer.validate(_module(weights), datamodule=DecoyDigitsDataModule(batch_size=16), verbose=False)[0]
+    for c in (0, 3):
+        assert {f"concepts/class_{c}/importance/concept_{j}" for j in range(3)} <= metrics.keys()
+        assert 0 <= metrics[f"concepts/class_{c}/reconstruction_error"] < 1
+        assert concepts.results[c].importance.shape == (3,)
+    accs = [metrics[f"lipschitz/certified_acc@{e:g}"] for e in (0.01, 0.05, 0.1)]
+    assert accs == sorted(accs, reverse=True) and accs[0] > 0  # certified accuracy falls as ε grows
+    assert 0 < metrics["lipschitz/empirical_lower_bound"] <= 1.001
+    if kind == "csv":
+        assert metrics["lipschitz/bound"] <= 1.001 and {"lipschitz/sigma/0", "lipschitz/sigma/9"} <= metrics.keys()
+        pngs = sorted(p.parent.name for p in Path(logger.log_dir).glob("images/*/*.png"))
+        assert pngs == sorted(f"concepts_class_{c}_{what}" for c in (0, 3) for what in ("attribution", "mosaic"))
+    elif kind == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        logger.experiment.flush()
+        tags = EventAccumulator(logger.log_dir).Reload().Tags()["images"]
+        assert {"concepts/class_0/mosaic", "concepts/class_3/attribution"} <= set(tags)
+    else:
+        import wandb
+
+        run_dir = Path(logger.experiment.dir).parent
+        wandb.finish()
+        media = {p.name.split("_")[0] for p in run_dir.glob("files/media/images/concepts/*/*.png")}
+        assert media == {"mosaic", "attribution"}, list(run_dir.rglob("*.png"))
+
+
+def test_fit_cadence_drift_and_checkpoint_state(weights: Path, tmp_path: Path) -> None:
+    concepts = ConceptMonitor(layer=5, classes=[1], n_concepts=3, patch_size=16, images_per_class=5, nb_design=8,
+                              top_crops=2, attribution_images=0, every_n_epochs=1)
+    lipschitz = LipschitzMonitor(epsilons=[0.05], probe_per_class=2, every_n_epochs=1, layers_every_n_epochs=2)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=2, limit_val_batches=1,
+                         logger=CSVLogger(tmp_path), callbacks=[concepts, lipschitz], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(_module(weights), datamodule=DecoyDigitsDataModule(batch_size=16))
+    rows = [line.split(",") for line in (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()]
+    header, values = rows[0], rows[1:]
+
+    def logged(key: str) -> list[int]:
+        column, epoch = header.index(key), header.index("epoch")
+        return [int(float(row[epoch])) for row in values if row[column]]
+
+    assert logged("lipschitz/certified_acc@0.05") == [0, 1]
+    assert logged("lipschitz/bound") == [1]  # the layer check only every second epoch
+    assert logged("concepts/class_1/importance/concept_0") == [0, 1]
+    assert logged("concepts/class_1/drift") == [1]  # from the second run on
+    drift = trainer.callback_metrics["concepts/class_1/drift"]
+    assert 0 < drift <= 1 + 1e-6
+    restored = ConceptMonitor(layer=5, classes=[1])
+    restored.load_state_dict(concepts.state_dict())
+    assert torch.equal(restored.previous[1], concepts.results[1].bank.components.cpu())
+
+
+def test_ddp_two_processes_equal_one_process(weights: Path, tmp_path: Path) -> None:
+    """strategy="ddp" (gloo, 2 ranks) in a subprocess vs the same run in-process on 1 device."""
+    monitors_run.run(weights, tmp_path / "one", 1)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), WANDB_MODE="disabled")
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "monitors_run.py"), str(weights), str(tmp_path / "two"), "2"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = (torch.load(tmp_path / name / "results.pt") for name in ("one", "two"))
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    for c in one["concepts"]:
+        torch.testing.assert_close(two["concepts"][c]["components"], one["concepts"][c]["components"], atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(two["concepts"][c]["importance"], one["concepts"][c]["importance"], atol=1e-4, rtol=1e-3)
+    assert one["lipschitz"].keys() == two["lipschitz"].keys()
+    for key, value in one["lipschitz"].items():
+        assert two["lipschitz"][key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_models_without_a_certificate_are_refused(tmp_path: Path) -> None:
+    module = AlignedClassifier(arch="cnn", arch_args=monitors_run.SMALL)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=[LipschitzMonitor()], limit_val_batches=1,
+                         enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match="carries no Lipschitz certificate"):
+        trainer.validate(module, datamodule=DecoyDigitsDataModule(batch_size=16), verbose=False)
+
+
+def test_bf16_autocast_breaks_the_bound_and_the_monitor_warns() -> None:
+    """SPEC §4: Björck orthonormalization under bf16 autocast drifts above 1; the check says so."""
+    torch.manual_seed(0)
+    module = AlignedClassifier(arch="lipschitz_cnn", arch_args=monitors_run.SMALL, lambda_harmonization=0.0,
+                               optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    trainer = pl.Trainer(accelerator="cpu", precision="bf16-mixed", max_epochs=1, limit_train_batches=3, limit_val_batches=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[LipschitzMonitor(epsilons=[0.05], probe_per_class=1)])
+    with pytest.warns(UserWarning, match="bound is broken"):
+        trainer.fit(module, datamodule=DecoyDigitsDataModule(batch_size=16))
+    assert max(v for k, v in trainer.callback_metrics.items() if k.startswith("lipschitz/sigma/")) > 1.001

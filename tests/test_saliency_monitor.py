@@ -12,7 +12,7 @@ from PIL import Image
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from harmonia.callbacks import SaliencyMonitor
-from harmonia.callbacks.saliency import eval_mode
+from harmonia.callbacks.monitor import eval_mode
 from harmonia.data import DecoyDigitsDataModule
 from harmonia.module import AlignedClassifier
 

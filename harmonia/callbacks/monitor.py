@@ -39,19 +39,31 @@ def monitored_model(pl_module: pl.LightningModule, attr: str | None) -> nn.Modul
 
 
 @contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode, then restore each one's own flag.
+
+    Diagnostics describe the inference model (no dropout, BatchNorm running statistics), and
+    a 1-Lipschitz layer in training mode would update its power-iteration state at every
+    forward: a diagnostic must not change how the model trains.
+    """
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.train(flag)
+
+
+@contextmanager
 def evaluation(model: nn.Module, grad: bool) -> Iterator[None]:
     """Eval mode, cached parametrizations, and grad mode ``grad`` even inside ``inference_mode``.
 
     A stand-alone ``validate``/``test`` runs under ``torch.inference_mode``, which
     ``enable_grad`` alone cannot leave (SPEC §10); the model's mode is restored afterwards.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(False), torch.set_grad_enabled(grad), parametrize.cached():
-            yield
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode(False), torch.set_grad_enabled(grad), parametrize.cached():
+        yield
 
 
 def gather_shards(pl_module: pl.LightningModule, local: Tensor, total: int) -> Tensor:

@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -41,6 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from torchmetrics.aggregation import MeanMetric
 
 from harmonia.callbacks.logging import log_image
+from harmonia.callbacks.monitor import eval_mode
 from harmonia.callbacks.probe import balanced_indices, rank_shard
 from harmonia.data.sample import Sample
 from harmonia.explain import Explainer, IntegratedGradients, build_explainer
@@ -49,22 +49,6 @@ from harmonia.metrics import ExplanationMetric, build_metric
 
 Spec = Mapping[str, Mapping[str, Any]] | Sequence[str]
 
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode, then restore each one's own flag.
-
-    Diagnostics describe the inference model (no dropout, BatchNorm running statistics), and
-    a 1-Lipschitz layer in training mode would update its power-iteration state at every
-    forward: a diagnostic must not change how the model trains.
-    """
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.train(flag)
 
 
 def _specs(spec: Spec | None, kind: str) -> dict[str, dict[str, Any]]:

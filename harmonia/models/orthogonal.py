@@ -150,7 +150,7 @@ class BjorckOrthonormal(nn.Module):
 
     def forward(self, weight: Tensor) -> Tensor:
         """The orthonormalized (and scaled) weight, same shape and dtype as ``weight``."""
-        factor = self.factor(weight)
+        factor = _factor(self, weight)  # shared with BjorckLinear's factor path within a step
         with torch.autocast(device_type=weight.device.type, enabled=False):
             ortho = factor @ self._matrix(weight)
         if ortho.shape != weight.flatten(1).shape:

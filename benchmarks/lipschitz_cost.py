@@ -25,6 +25,7 @@ import os
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -122,6 +123,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", type=int, nargs="+", help="indices into MODELS (default: all)")
     args = parser.parse_args()
+    # training_step is called without a Trainer: its self.log() calls are no-ops that warn.
+    warnings.filterwarnings("ignore", message=r".*self\.trainer. reference is not registered")
     torch.set_num_threads(args.threads)
     chosen = [MODELS[i] for i in args.models] if args.models else MODELS
     per_model = {}

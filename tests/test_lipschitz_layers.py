@@ -179,10 +179,10 @@ def test_registry_models_keep_the_bound_through_harmonized_training(variant: dic
 
 
 def test_cached_weights_orthonormalize_once_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build_model("lipschitz_cnn", **SMALL, head="spectral")  # (registration runs each once)
     calls = []
     original = BjorckOrthonormal.factor
     monkeypatch.setattr(BjorckOrthonormal, "factor", lambda self, w: calls.append(id(self)) or original(self, w))
-    model = build_model("lipschitz_cnn", **SMALL, head="spectral")
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     _harmonized_step(model, optimizer)  # two forwards and a double backward
     parametrized = [m for m in model.modules() if isinstance(m, BjorckOrthonormal)]

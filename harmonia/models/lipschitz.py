@@ -25,7 +25,8 @@ def export(model: nn.Module) -> nn.Module:
     """A plain-torch copy of ``model`` (eval mode) whose outputs equal ``model.eval()``'s.
 
     Every parametrized layer (Harmonia's Björck layers, deel-torchlip's) becomes an
-    ``nn.Conv2d``/``nn.Linear`` holding its current normalized weight (cloned). The source model is left untouched (and in its mode).
+    ``nn.Conv2d``/``nn.Linear`` holding its current normalized weight (cloned). The source
+    model is left untouched (and in its mode).
     """
     was_training = model.training
     model.eval()

@@ -16,7 +16,8 @@ a norm test that is read on the host (a device sync on GPU), with gradients resc
 - **Fixed iteration count, no host sync, exact gradient.** ``iterations`` steps always
   (default 12; deel-torchlip's stopping test ends after 4, 6 and 8 steps on this model's
   three layers once training has moved the weights), and autograd differentiates the very
-  function that is computed.
+  function that is computed (the power vector ``u`` and the rarely active floor below are
+  constants of the gradient, as ``u`` is in ``torch.nn.utils.spectral_norm``).
 - **Spectral scale from the Gram.** ``σ̂² = uᵀ S u`` with ``u`` a persistent power-iteration
   vector of ``S`` (``power_iterations`` cheap ``m×m`` matrix-vector steps per training
   forward; a lower bound of ``σ_max²``, exact at convergence), floored at ``0.51² ‖S⁴‖_F^¼``

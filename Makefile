@@ -45,6 +45,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/step_cost.py --out benchmarks/results/step_cost.json
 	$(PY) benchmarks/decoy_digits.py --out benchmarks/results/decoy_digits.json
 	$(PY) benchmarks/diagnostics_cost.py --out benchmarks/results/diagnostics_cost.json
+	$(PY) benchmarks/lipschitz_cost.py --out benchmarks/results/lipschitz_cost.json
 
 clean:
 	rm -rf runs wandb lightning_logs .pytest_cache

@@ -14,14 +14,13 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
-from torch.nn.utils import parametrize
 from torchmetrics.classification import MulticlassAccuracy
 
 from harmonia.data.sample import Sample
 from harmonia.explain.gradient import input_gradient
 from harmonia.losses import HarmonizationLoss, build_objective, decayed_parameters
 from harmonia.losses.harmonization import TokenNormalization
-from harmonia.models import build_model
+from harmonia.models import build_model, cached_weights
 
 
 class AlignedClassifier(pl.LightningModule):
@@ -118,7 +117,7 @@ class AlignedClassifier(pl.LightningModule):
         training = stage == "train"
         want_saliency = self.lambda_harmonization > 0 or not training
         # Evaluation needs gradients w.r.t. inputs: escape no_grad / inference_mode locally.
-        with torch.inference_mode(False), torch.enable_grad(), parametrize.cached():
+        with torch.inference_mode(False), torch.enable_grad(), cached_weights():
             # A stand-alone validate/test creates inference tensors, which autograd may not
             # save; normal copies are cheap next to the double backward.
             image, human_map, has_map, label = (t.clone() if t.is_inference() else t for t in batch)

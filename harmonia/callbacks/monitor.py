@@ -14,7 +14,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
+
+from harmonia.models import cached_weights
 
 
 def is_due(trainer: pl.Trainer, every_n_epochs: int) -> bool:
@@ -57,12 +58,12 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 @contextmanager
 def evaluation(model: nn.Module, grad: bool) -> Iterator[None]:
-    """Eval mode, cached parametrizations, and grad mode ``grad`` even inside ``inference_mode``.
+    """Eval mode, weights orthonormalized once (``cached_weights``), and grad mode ``grad`` even inside ``inference_mode``.
 
     A stand-alone ``validate``/``test`` runs under ``torch.inference_mode``, which
     ``enable_grad`` alone cannot leave (SPEC §10); the model's mode is restored afterwards.
     """
-    with eval_mode(model), torch.inference_mode(False), torch.set_grad_enabled(grad), parametrize.cached():
+    with eval_mode(model), torch.inference_mode(False), torch.set_grad_enabled(grad), cached_weights():
         yield
 
 

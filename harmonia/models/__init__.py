@@ -2,14 +2,19 @@
 
 from harmonia.models import cnn as _cnn  # noqa: F401  (registers lipschitz_cnn and cnn)
 from harmonia.models.cnn import ConvNet, conv_net
-from harmonia.models.layers import L2NormPool2d
+from harmonia.models.layers import GroupSort2, L2NormPool2d
 from harmonia.models.lipschitz import export, lipschitz_bound, operator_norm
+from harmonia.models.orthogonal import BjorckConv2d, BjorckLinear, cached_weights
 from harmonia.models.registry import build_model, list_models, register_model
 
 __all__ = [
+    "BjorckConv2d",
+    "BjorckLinear",
     "ConvNet",
+    "GroupSort2",
     "L2NormPool2d",
     "build_model",
+    "cached_weights",
     "conv_net",
     "export",
     "lipschitz_bound",

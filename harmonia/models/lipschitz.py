@@ -1,8 +1,9 @@
 """Export of 1-Lipschitz models to plain torch, and a check of their Lipschitz bound.
 
-Notes on deel-torchlip 1.0.5 that shape this file (SPEC §4):
-- in eval mode a Björck-normalized layer uses the weight cached by its last *training*
-  forward, so the exported network is the eval-mode network;
+Notes that shape this file (SPEC §4):
+- a deel-torchlip 1.0.5 Björck layer in eval mode uses the weight cached by its last
+  *training* forward (Harmonia's ``BjorckConv2d``/``BjorckLinear`` recompute it from the
+  current weights), so the exported network is the eval-mode network;
 - ``vanilla_export`` hands out tensors that share memory with the source: we clone them, so
   training the source later cannot change an exported model.
 """
@@ -13,18 +14,19 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from deel.torchlip import GroupSort2, InvertibleDownSampling, vanilla_model
+from deel.torchlip import InvertibleDownSampling, vanilla_model
 from deel.torchlip.modules.activation import GroupSort
 from torch import Tensor, nn
 
-from harmonia.models.layers import L2NormPool2d
+from harmonia.models.layers import GroupSort2, L2NormPool2d
 
 
 def export(model: nn.Module) -> nn.Module:
     """A plain-torch copy of ``model`` (eval mode) whose outputs equal ``model.eval()``'s.
 
-    Every parametrized deel-torchlip layer becomes an ``nn.Conv2d``/``nn.Linear`` holding its
-    current normalized weight (cloned). The source model is left untouched (and in its mode).
+    Every parametrized layer (Harmonia's Björck layers, deel-torchlip's) becomes an
+    ``nn.Conv2d``/``nn.Linear`` holding its current normalized weight (cloned). The source
+    model is left untouched (and in its mode).
     """
     was_training = model.training
     model.eval()
@@ -45,7 +47,7 @@ _ONE_LIPSCHITZ = (
     nn.Identity,
     nn.PixelUnshuffle,
     InvertibleDownSampling,
-    GroupSort,
+    GroupSort,  # deel-torchlip's, GroupSort2 included
     GroupSort2,
     L2NormPool2d,
 )

@@ -109,8 +109,8 @@ def test_bf16_autocast_harmonization_gradient_is_close_to_fp32() -> None:
     map, so rounding flips pixels in or out. (With BatchNorm in training mode at tiny batches,
     even the plain bf16 gradient errs by ~40% against float64: the batch-statistics backward
     cancels heavily.) A broken inner gradient, e.g. fp16 underflow, gives cosine ≈ 0.
-    Also: checkpointing replays autocast (bf16 + checkpointing = bf16 to 1e-5), and all three
-    options together stay within the bf16 tolerance.
+    Also: bf16 + checkpointing is as close to fp32 as bf16 alone, and all three options
+    together stay within the bf16 tolerance.
     """
     cases = [("timm/test_resnet", {}, _batch(8, 64), 0.95, 0.4),
              ("timm/test_vit", {"input_size": 32}, _batch(4, 32), 0.995, 0.1)]
@@ -125,7 +125,12 @@ def test_bf16_autocast_harmonization_gradient_is_close_to_fp32() -> None:
     every = _gradient(_twin(vit, checkpointing=True, channels_last=True), batch, bf16=True)
     assert float(torch.nn.functional.cosine_similarity(every, exact, dim=0)) >= min_cosine
     assert _relative(every, exact) <= max_error
-    assert _relative(_gradient(_twin(vit, checkpointing=True), batch, bf16=True), bf16) < 1e-5
+    # bf16 + checkpointing: as close to fp32 as bf16 alone. Not equal to bf16 alone: a segment
+    # sums a weight's gradient contributions in fp32, the plain graph in bf16 (measured: 0.4%
+    # apart, each 4.2% from fp32).
+    checkpointed = _gradient(_twin(vit, checkpointing=True), batch, bf16=True)
+    assert _relative(checkpointed, exact) <= 1.05 * _relative(bf16, exact)
+    assert _relative(checkpointed, bf16) <= 0.25 * _relative(bf16, exact)
 
 
 def test_checkpointing_names_and_errors() -> None:
@@ -254,9 +259,10 @@ def test_finetuning_schedule_refuses_ddp_without_find_unused_parameters(tmp_path
 
 
 def test_worked_path_pretrain_save_load_and_finetune_with_the_shipped_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Through the real CLI: a ResNet-18 trained without maps is saved, then loaded from its
+    """Through the real CLI: a small ResNet trained without maps is saved, then loaded from its
     Lightning checkpoint by ``configs/clickme_resnet50_finetune.yaml`` (model, trainer,
-    optimizer and schedule as shipped; data → decoy digits, resnet50 → resnet18, one CPU) and
+    optimizer and schedule as shipped; data → decoy digits, resnet50 → a tiny timm ResNet with
+    two blocks in its first stages, one CPU) and
     fine-tuned for one epoch with the harmonization loss, bf16-mixed, channels_last,
     checkpointing and a freeze schedule.
     """
@@ -270,7 +276,8 @@ def test_worked_path_pretrain_save_load_and_finetune_with_the_shipped_config(tmp
     pretrain = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
     pretrain["trainer"].update(small, logger=False, callbacks=[
         {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint", "init_args": {"dirpath": "pre", "save_last": True}}])
-    pretrain["model"].update(arch="resnet18", arch_args={}, lambda_harmonization=0.0)
+    tiny = {"arch": "timm/test_resnet", "arch_args": {"layers": [2, 2, 1, 1]}}
+    pretrain["model"].update(tiny, lambda_harmonization=0.0)
     pretrain["data"] = data
     (tmp_path / "pretrain.yaml").write_text(yaml.safe_dump(pretrain))
     cli_main(["fit", "--config", "pretrain.yaml", "--test_after_fit", "false"])
@@ -285,8 +292,8 @@ def test_worked_path_pretrain_save_load_and_finetune_with_the_shipped_config(tmp
     config["trainer"]["callbacks"] += [
         {"class_path": "harmonia.callbacks.FinetuningSchedule", "init_args": {"unfreeze": {0: ["head", "net.layer4"], 1: ["all"]}}},
         {"class_path": "test_finetune._Snapshots"}]
-    config["model"]["arch"] = "resnet18"
-    config["model"]["arch_args"].update(weights="pre/last.ckpt", checkpointing=True)
+    config["model"]["arch"] = tiny["arch"]
+    config["model"]["arch_args"].update(tiny["arch_args"], weights="pre/last.ckpt", checkpointing=True)
     config["model"]["num_classes"] = 10
     config["data"] = data
     (tmp_path / "finetune.yaml").write_text(yaml.safe_dump(config))
@@ -296,14 +303,14 @@ def test_worked_path_pretrain_save_load_and_finetune_with_the_shipped_config(tmp
     for key, value in pretrained.items():  # started from the file's weights
         torch.testing.assert_close(snaps.weights[0][key], value, atol=0, rtol=0, msg=key)
     moved = {k for k in pretrained if not torch.equal(snaps.weights[1][k], pretrained[k])}
-    assert "net.fc.weight" in moved and "net.layer4.1.conv2.weight" in moved
+    assert "net.fc.weight" in moved and "net.layer4.0.conv2.weight" in moved
     assert not any(k.startswith(("net.conv1.", "net.layer1.")) for k in moved)  # frozen in epoch 0
     trainer = cli.trainer
     assert str(trainer.precision) == "bf16-mixed"
     optimizer = trainer.optimizers[0]
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["nesterov"]
     assert type(trainer.lr_scheduler_configs[0].scheduler).__name__ == "WarmupMultiStepLR"
-    assert cli.model.model.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert cli.model.model.net.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert (tmp_path / "ckpt" / "best.ckpt").exists()
     logged = (next((tmp_path / "logs").rglob("metrics.csv"))).read_text()
     assert "train/harmonization" in logged and "test/acc" in logged

@@ -21,7 +21,9 @@ So a block's activations and gradient intermediates exist only while that block 
 (re)computed. The price is recomputation: a block runs up to four times per harmonized step.
 
 Every recomputation replays the forward's RNG state (dropout masks match) and autocast state
-(``bf16-mixed`` recomputes in bf16), and BatchNorm layers inside a segment do not update their
+(``bf16-mixed`` recomputes in bf16); each vjp runs under the autocast state of the backward that
+first asked for it (Lightning takes the input gradient inside autocast, the final backward
+outside), and BatchNorm layers inside a segment do not update their
 running statistics while recomputing, so the statistics equal those of a run without
 checkpointing. Recomputation uses batch statistics exactly as the forward did.
 
@@ -33,7 +35,7 @@ the block runs as usual.
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Iterator, Sequence
 
 import torch
@@ -53,6 +55,22 @@ _SDPA_FLAGS = (
 )
 
 
+def _autocast_state(devices: set[str]) -> tuple[dict[str, tuple[bool, torch.dtype]], bool]:
+    """The autocast settings in force now, per device type, and whether casts are cached."""
+    return {dev: (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) for dev in devices}, \
+        torch.is_autocast_cache_enabled()
+
+
+@contextmanager
+def _autocast(state: tuple[dict[str, tuple[bool, torch.dtype]], bool]) -> Iterator[None]:
+    """Re-enter autocast settings captured by ``_autocast_state``."""
+    per_device, cache = state
+    with ExitStack() as stack:
+        for dev, (enabled, dtype) in per_device.items():
+            stack.enter_context(torch.autocast(dev, dtype=dtype, enabled=enabled, cache_enabled=cache))
+        yield
+
+
 class _Replay:
     """What recomputing a block needs: the block, the forward's RNG, autocast and attention-kernel state."""
 
@@ -61,11 +79,7 @@ class _Replay:
         self.device_type = x.device.type
         self.cpu_rng = torch.get_rng_state()
         self.devices, self.device_rng = get_device_states(x)
-        self.autocast = {
-            dev: (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-            for dev in {"cpu", self.device_type}
-        }
-        self.autocast_cache = torch.is_autocast_cache_enabled()
+        self.autocast = _autocast_state({"cpu", self.device_type})
         self.sdpa = [backend for backend, enabled in _SDPA_FLAGS if enabled()]
 
     def run(self, x: Tensor) -> Tensor:
@@ -83,10 +97,7 @@ class _Replay:
             if self.devices:
                 set_device_states(self.devices, self.device_rng, device_type=self.device_type)
             stack.enter_context(sdpa_kernel(self.sdpa))
-            for dev, (enabled, dtype) in self.autocast.items():
-                stack.enter_context(
-                    torch.autocast(dev, dtype=dtype, enabled=enabled, cache_enabled=self.autocast_cache)
-                )
+            stack.enter_context(_autocast(self.autocast))
             try:
                 for m in norms:  # training mode + no tracking = batch statistics, no update
                     m.track_running_stats = False
@@ -112,17 +123,24 @@ def _wanted(tensor: Tensor, needed: bool) -> bool:
 
 
 def _vjp(replay: _Replay, wants: Sequence[bool], x: Tensor, grad_y: Tensor, params: Sequence[Tensor],
-         create_graph: bool, x_differentiable: bool = False) -> tuple[tuple[Tensor | None, ...], Tensor]:
+         create_graph: bool, x_differentiable: bool = False,
+         backward_autocast: tuple | None = None) -> tuple[tuple[Tensor | None, ...], Tensor]:
     """Recompute the block; return the gradients of ``(x, *params)`` where ``wants``, and the x leaf.
 
     ``x_differentiable`` keeps the input differentiable even when its gradient is not
     returned (the double backward may still need d/dx of the parameter gradients).
+    ``backward_autocast``: the autocast settings the vjp itself ran under the first time
+    (``_autocast_state``); default: the caller's.
     """
-    with torch.enable_grad(), replay.context():
-        x_leaf = x.detach().requires_grad_(wants[0] or x_differentiable)
-        y = replay.run(x_leaf)
+    with torch.enable_grad():
+        with replay.context():
+            x_leaf = x.detach().requires_grad_(wants[0] or x_differentiable)
+            y = replay.run(x_leaf)
+        # The vjp runs in the state of the backward that asked for it, not the forward's: under
+        # bf16-mixed Lightning takes the input gradient inside autocast, the final backward outside.
         targets = [t for t, w in zip((x_leaf, *params), wants) if w]
-        found = iter(torch.autograd.grad(y, targets, grad_y, create_graph=create_graph, allow_unused=True))
+        with _autocast(backward_autocast) if backward_autocast is not None else nullcontext():
+            found = iter(torch.autograd.grad(y, targets, grad_y, create_graph=create_graph, allow_unused=True))
     return tuple(next(found) if w else None for w in wants), x_leaf
 
 
@@ -159,6 +177,7 @@ class _SegmentVJP(torch.autograd.Function):
     def forward(ctx, replay: _Replay, wants: tuple[bool, ...], x: Tensor, grad_y: Tensor,  # type: ignore[override]
                 *params: Tensor) -> tuple[Tensor, ...]:
         ctx.replay, ctx.wants, ctx.params = replay, wants, params
+        ctx.autocast = _autocast_state({"cpu", replay.device_type})  # that of the first backward
         ctx.save_for_backward(x, grad_y)
         ctx.set_materialize_grads(False)
         grads, _ = _vjp(replay, wants, x, grad_y, params, create_graph=False)
@@ -176,7 +195,7 @@ class _SegmentVJP(torch.autograd.Function):
         with torch.enable_grad():
             gy_leaf = grad_y.detach().requires_grad_(True)
             grads, x_leaf = _vjp(ctx.replay, ctx.wants, x, gy_leaf, ctx.params, create_graph=True,
-                                 x_differentiable=need_x)
+                                 x_differentiable=need_x, backward_autocast=ctx.autocast)
             outputs = [g for g, w in zip(grads, ctx.wants) if w]  # aligned with grad_grads
             pairs = [(g, gg) for g, gg in zip(outputs, grad_grads)
                      if g is not None and gg is not None and g.requires_grad]

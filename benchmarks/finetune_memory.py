@@ -1,6 +1,6 @@
 """Peak memory of a harmonized training step ÷ a plain one, ResNet-18, with and without checkpointing.
 
-    python benchmarks/finetune_memory.py --out F.json [--batch 16 --size 224 --rounds 3]
+    python benchmarks/finetune_memory.py --out F.json [--batch 16 --size 224 --rounds 3 --frozen-bn]
 
 Writes ``{"harmonized_over_plain_mem": …, "harmonized_checkpointed_over_plain_mem": …}`` (plus
 the per-variant numbers). One step = ``AlignedClassifier``'s training step (cross-entropy with
@@ -20,7 +20,7 @@ variants interleaved, medians over rounds):
 - headline ratio: (resident + step peak) of a variant ÷ that of *plain*: what the device must
   hold. The table also shows the step-peak ratio (activations only), the stricter number.
 
-*frozen BN* rows put BatchNorm layers in eval mode (running statistics, common when
+*frozen BN* rows (``--frozen-bn``) put BatchNorm layers in eval mode (running statistics, common when
 fine-tuning): BatchNorm's double backward in training mode needs several input-sized
 temporaries at the 112×112 stem, which dominates the harmonized peak.
 """
@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--frozen-bn", action="store_true", help="also the variants with BatchNorm in eval mode")
     parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._one:
@@ -133,9 +134,10 @@ def main() -> None:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    runs: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+    variants = [v for v in VARIANTS if args.frozen_bn or not v.endswith("frozen_bn")]
+    runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     for r in range(args.rounds):
-        for variant in VARIANTS:
+        for variant in variants:
             cmd = [sys.executable, __file__, "--_one", variant, "--batch", str(args.batch), "--size", str(args.size),
                    "--device", device, "--threads", str(args.threads)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

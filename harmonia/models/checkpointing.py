@@ -3,8 +3,8 @@
 Why not ``torch.utils.checkpoint`` around each block: it saves only a block's input in the
 forward, but the harmonization loss then takes the input gradient with ``create_graph=True``.
 That first backward re-runs each block and records a *gradient graph* which keeps every
-recomputed activation and every backward intermediate alive until the final backward. On a
-harmonized ResNet-18 step this measured no memory gain at all (benchmarks/README.md).
+recomputed activation and every backward intermediate alive until the final backward, so on a
+harmonized step it saves little of the peak.
 
 Here each checkpointed block is one autograd node, a *segment*:
 

@@ -46,6 +46,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/decoy_digits.py --out benchmarks/results/decoy_digits.json
 	$(PY) benchmarks/diagnostics_cost.py --out benchmarks/results/diagnostics_cost.json
 	$(PY) benchmarks/lipschitz_cost.py --out benchmarks/results/lipschitz_cost.json
+	$(PY) benchmarks/finetune_memory.py --out benchmarks/results/finetune_memory.json
 
 clean:
 	rm -rf runs wandb lightning_logs .pytest_cache

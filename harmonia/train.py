@@ -4,6 +4,7 @@
     harmonia fit --config configs/digits.yaml --ckpt_path last     # resume an interrupted run
     harmonia test --config configs/digits.yaml --ckpt_path runs/digits/checkpoints/best.ckpt
     harmonia models                                                 # registered architectures
+    harmonia models 'timm/*vit*'                                    # ... matching a pattern
 
 After ``fit`` the best checkpoint is tested (``--test_after_fit false`` skips it) and a summary
 table is printed: decoy-free test accuracy, harmonization loss, checkpoint and log locations.
@@ -132,7 +133,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> HarmoniaCLI:
 def main() -> None:
     """Entry point of the ``harmonia`` console script."""
     if len(sys.argv) > 1 and sys.argv[1] == "models":
-        for name, description in list_models().items():
+        for name, description in list_models(sys.argv[2] if len(sys.argv) > 2 else None).items():
             print(f"{name:<20} {description}")
         return
     cli_main()

@@ -1,9 +1,18 @@
 """Lightning callbacks that read the model from the outside: probes, diagnostics, logging."""
 
 from harmonia.callbacks.concepts import ConceptMonitor
+from harmonia.callbacks.finetuning import FinetuningSchedule
 from harmonia.callbacks.lipschitz import LipschitzMonitor
 from harmonia.callbacks.logging import log_image
 from harmonia.callbacks.probe import balanced_indices, rank_shard
 from harmonia.callbacks.saliency import SaliencyMonitor
 
-__all__ = ["ConceptMonitor", "LipschitzMonitor", "SaliencyMonitor", "balanced_indices", "log_image", "rank_shard"]
+__all__ = [
+    "ConceptMonitor",
+    "FinetuningSchedule",
+    "LipschitzMonitor",
+    "SaliencyMonitor",
+    "balanced_indices",
+    "log_image",
+    "rank_shard",
+]

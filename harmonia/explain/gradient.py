@@ -3,10 +3,6 @@
 Two readings of the same gradient ``∂ logit_y / ∂x``:
 - ``harmonization_saliency``: signed mean over channels (SPEC §1, what the reference trains);
 - ``gradient_saliency``: max over channels of |gradient| (SPEC §3, Xplique ``Saliency``).
-
-``input_gradient(..., score="log_prob")`` differentiates ``log softmax_y`` instead of the
-logit: that gradient also carries every *other* class's logit, through which a model can
-read a shortcut that the true-class logit's gradient does not show.
 """
 
 from __future__ import annotations
@@ -23,7 +19,8 @@ def class_score(logits: Tensor, target: Tensor, score: Score = "logit") -> Tenso
     """Per-sample score of the target class, shape ``(N,)``.
 
     ``"logit"``: the raw logit (the reference, not a softmax); ``"log_prob"``: its log-softmax
-    ``logit_y - logsumexp(logits)``.
+    ``logit_y - logsumexp(logits)``, whose input gradient also carries every *other* class's
+    logit, through which a model can read a shortcut the true logit's gradient does not show.
     """
     if score == "log_prob":
         logits = logits.log_softmax(dim=-1)

@@ -1,12 +1,27 @@
 """Decoy-digits benchmark: does harmonization remove the shortcut? (issue #2)
 
-Trains, with the same budget and 3 seeds each:
-- ``baseline``: the plain CNN, λ = 0, on the decoyed training split (learns the shortcut);
-- ``harmonized_cnn``: the same CNN with the harmonization loss;
-- ``harmonized_lipschitz``: the 1-Lipschitz CNN with the harmonization loss;
-- ``oracle``: the plain CNN, λ = 0, trained with random-shade decoys (no shortcut to learn);
-plus ``baseline_lipschitz`` and ``oracle_lipschitz`` for the Lipschitz architecture.
-Reports decoy-free test accuracy (test decoys are random) as mean ± std over seeds.
+Every arm is built from a shipped config (``configs/digits*.yaml``, what ``harmonia fit
+--config`` trains), plus the command-line overrides shown in the table; the budget (epochs,
+optimizer, schedule, batch) is the config's. Baselines and oracles are their harmonized
+config with λ = 0 and, for oracles, random-shade training decoys, so the recipe and budget
+are the same by construction. 3 seeds each; a seed sets both the initialization and the
+data split (``seed_everything`` and ``data.seed``).
+- ``baseline``: the unconstrained CNN, λ = 0, decoyed training split (the shade tells the label);
+- ``harmonized_cnn``: the same CNN + the harmonization loss (configs/digits_cnn_harmonized.yaml);
+- ``harmonized_lipschitz``: the 1-Lipschitz CNN + the harmonization loss (configs/digits.yaml);
+- ``oracle``: the CNN, λ = 0, trained with random-shade decoys (no shortcut to learn);
+- ``oracle_lipschitz``: the same for the 1-Lipschitz CNN (configs/digits_baseline.yaml);
+- ``harmonized_rrr_cnn``: harmonization + the RRR penalty (Ross et al. 2017) on the same CNN
+  (configs/digits_cnn_harmonized_rrr.yaml);
+optional (``--variants``): ``rrr_cnn`` (RRR instead of harmonization, configs/digits_cnn_rrr.yaml),
+``baseline_lipschitz`` (configs/digits_baseline.yaml as is) and
+``harmonized_cnn_noshortcut`` (harmonization with random-shade training decoys: what the loss
+costs when there is no shortcut at all).
+
+Reported: decoy-free test accuracy (test decoys have random shades) of the weights the CLI
+tests after fit (best validation accuracy; validation decoys are random too), and two probes
+of shortcut reliance on the same test digits: accuracy when every decoy is repainted in the
+training shade of *another* class, and the share of those predictions that follow the decoy.
 
     python benchmarks/decoy_digits.py --out benchmarks/results/decoy_digits.json
 """
@@ -20,94 +35,164 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from harmonia.data import DecoyDigitsDataModule
-from harmonia.module import AlignedClassifier
+from harmonia.data import DecoyDigits
+from harmonia.data.digits import label_shade
+from harmonia.train import cli_main
 
-# variant: (arch, λ, train decoy)
-VARIANTS = {
-    "baseline": ("cnn", 0.0, "label"),
-    "harmonized_cnn": ("cnn", None, "label"),
-    "harmonized_lipschitz": ("lipschitz_cnn", None, "label"),
-    "oracle": ("cnn", 0.0, "random"),
-    "baseline_lipschitz": ("lipschitz_cnn", 0.0, "label"),
-    "oracle_lipschitz": ("lipschitz_cnn", 0.0, "random"),
+ROOT = Path(__file__).resolve().parents[1]
+NO_HARMONIZATION = ("--model.lambda_harmonization=0",)
+RANDOM_DECOYS = ("--data.init_args.train_decoy=random",)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """A shipped config, the overrides that turn it into this arm, and the arm to compare with."""
+
+    config: str
+    overrides: tuple[str, ...] = ()
+    oracle: str = "oracle"
+
+
+ARMS = {
+    "baseline": Arm("configs/digits_cnn_harmonized.yaml", NO_HARMONIZATION),
+    "harmonized_cnn": Arm("configs/digits_cnn_harmonized.yaml"),
+    "harmonized_lipschitz": Arm("configs/digits.yaml", oracle="oracle_lipschitz"),
+    "oracle": Arm("configs/digits_cnn_harmonized.yaml", NO_HARMONIZATION + RANDOM_DECOYS),
+    "oracle_lipschitz": Arm("configs/digits_baseline.yaml", RANDOM_DECOYS, oracle="oracle_lipschitz"),
+    "harmonized_rrr_cnn": Arm("configs/digits_cnn_harmonized_rrr.yaml"),
+    "rrr_cnn": Arm("configs/digits_cnn_rrr.yaml"),
+    "baseline_lipschitz": Arm("configs/digits_baseline.yaml", oracle="oracle_lipschitz"),
+    "harmonized_cnn_noshortcut": Arm("configs/digits_cnn_harmonized.yaml", RANDOM_DECOYS),
 }
+DEFAULT_VARIANTS = ["baseline", "harmonized_cnn", "harmonized_rrr_cnn", "harmonized_lipschitz", "oracle", "oracle_lipschitz"]
 
 
-def run(arch: str, lam: float, decoy: str, seed: int, epochs: int, lr: float, saliency: str, select: str) -> float:
-    """Train one variant; return its test accuracy (decoy shade independent of the label).
+@torch.no_grad()
+def shortcut_probes(model: torch.nn.Module, test: DecoyDigits, seed: int) -> dict[str, float]:
+    """Accuracy with each test decoy repainted in another class's training shade, and how
+    often the prediction is that other class (the decoy's class); plus the same accuracy with
+    the true class's training shade (what the shortcut gives when it agrees)."""
+    model.eval()
+    labels = test.labels
+    other = (labels + torch.randint(1, 10, labels.shape, generator=torch.Generator().manual_seed(seed))) % 10
+    pred_other = model(test.with_decoy_shades(label_shade(other.float()))).argmax(-1)
+    pred_true = model(test.with_decoy_shades(label_shade(labels.float()))).argmax(-1)
+    return {
+        "acc_other_shade": (pred_other == labels).float().mean().item(),
+        "follows_decoy": (pred_other == other).float().mean().item(),
+        "acc_true_shade": (pred_true == labels).float().mean().item(),
+    }
 
-    ``select="best"`` tests the epoch with the best validation accuracy (validation decoys are
-    random too, as in the shipped configs' ModelCheckpoint); ``"last"`` the final weights.
+
+def run(name: str, seed: int, epochs: int | None = None) -> tuple[dict[str, float], dict]:
+    """Train one arm with one seed as its config says; test the best-validation weights.
+
+    ``epochs`` replaces the config's ``max_epochs`` (quick looks only: the schedule's
+    ``T_max`` stays the config's). Returns the measurements and a description of the arm
+    (read from the instantiated objects).
     """
-    pl.seed_everything(seed, verbose=False)
-    data = DecoyDigitsDataModule(batch_size=64, seed=seed, train_decoy=decoy)
-    module = AlignedClassifier(
-        arch=arch,
-        lambda_harmonization=lam,
-        saliency=saliency,
-        optimizer=lambda params: torch.optim.Adam(params, lr=lr),
-    )
+    arm = ARMS[name]
+    args = ["--config", str(ROOT / arm.config), *arm.overrides,
+            f"--seed_everything={seed}", f"--data.init_args.seed={seed}", "--trainer.logger=false"]
+    if epochs is not None:
+        args.append(f"--trainer.max_epochs={epochs}")
+    cli = cli_main(args, run=False)  # seeds, then builds the model and data as `harmonia fit` would
+    module, data = cli.model, cli.datamodule
     with tempfile.TemporaryDirectory() as tmp:
-        best = ModelCheckpoint(dirpath=tmp, monitor="val/acc", mode="max")
+        # The configs' selection (ModelCheckpoint on val/acc, tested after fit), written to a
+        # temporary folder; no logger, so nothing is left under runs/.
         trainer = pl.Trainer(
-            max_epochs=epochs, accelerator="cpu", devices=1, logger=False, callbacks=[best],
-            enable_checkpointing=True, enable_progress_bar=False, enable_model_summary=False,
-            inference_mode=False, num_sanity_val_steps=0, limit_val_batches=1.0 if select == "best" else 0,
+            max_epochs=cli.trainer.max_epochs, accelerator="cpu", devices=1, logger=False,
+            callbacks=[ModelCheckpoint(dirpath=tmp, monitor="val/acc", mode="max")],
+            enable_progress_bar=False, enable_model_summary=False, inference_mode=False, num_sanity_val_steps=0,
         )
         trainer.fit(module, datamodule=data)
-        ckpt = "best" if select == "best" else None
-        return float(trainer.test(module if ckpt is None else None, datamodule=data, ckpt_path=ckpt, verbose=False)[0]["test/acc"])
+        result = trainer.test(module, datamodule=data, ckpt_path="best", verbose=False)[0]  # loads the best weights
+    out = {"acc": float(result["test/acc"]), "test_harmonization": float(result["test/harmonization"])}
+    out.update(shortcut_probes(module.model, data.datasets["test"], seed))
+    hp = module.hparams
+    described = {
+        "config": arm.config, "overrides": list(arm.overrides), "oracle": arm.oracle, "arch": hp.arch,
+        "objective": hp.objective, "lambda_harmonization": hp.lambda_harmonization, "lambda_rrr": hp.lambda_rrr,
+        "saliency": hp.saliency, "saliency_score": hp.saliency_score, "train_decoy": data.hparams.train_decoy,
+        "epochs": cli.trainer.max_epochs, "batch_size": data.hparams.batch_size,
+    }
+    return out, described
+
+
+def summarize(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Mean and sample std over seeds of every measured quantity (``mean``/``std``: accuracy)."""
+    out: dict[str, float] = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        prefix = "" if key == "acc" else f"{key}_"
+        out[f"{prefix}mean"] = statistics.mean(values)
+        out[f"{prefix}std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out
+
+
+def write_json(path: Path, results: dict) -> None:
+    """Write ``results`` atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(path)
 
 
 def main() -> None:
-    """Run every variant over the seeds, print a table, write JSON."""
+    """Run the arms and seeds, print the table and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decoy_digits.json"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--lam", type=float, default=1.0, help="λ of the harmonized variants")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--saliency", choices=["signed", "abs"], default="signed")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    parser.add_argument("--select", choices=["best", "last"], default="best", help="epoch tested: best validation accuracy, or last")
+    parser.add_argument("--variants", nargs="+", choices=list(ARMS), default=DEFAULT_VARIANTS)
+    parser.add_argument("--epochs", type=int, help="replace the configs' max_epochs (smoke runs; not for the reported table)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
+    start_all = time.perf_counter()
     results: dict[str, dict] = {}
     for name in args.variants:
-        arch, lam, decoy = VARIANTS[name]
-        lam = args.lam if lam is None else lam
         start = time.perf_counter()
-        accs = [run(arch, lam, decoy, seed, args.epochs, args.lr, args.saliency, args.select) for seed in args.seeds]
-        results[name] = {
-            "mean": statistics.mean(accs),
-            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "runs": accs, "arch": arch, "lambda": lam, "train_decoy": decoy,
-            "seconds": time.perf_counter() - start,
-        }
-        print(f"{name:<22} {100 * results[name]['mean']:6.2f} ± {100 * results[name]['std']:5.2f}  {accs}", file=sys.stderr, flush=True)
+        measured = [run(name, seed, args.epochs) for seed in args.seeds]
+        runs = [m for m, _ in measured]
+        results[name] = {**summarize(runs), "runs": runs, **measured[0][1], "seconds": time.perf_counter() - start}
+        r = results[name]
+        print(f"{name:<26} {100 * r['mean']:6.2f} ± {100 * r['std']:5.2f}  {[round(100 * x['acc'], 1) for x in runs]}  "
+              f"({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        write_json(args.out, results)  # partial results survive an interrupted run
+    elapsed = time.perf_counter() - start_all
+    results["settings"] = {"seeds": args.seeds, "variants": args.variants, "epochs_override": args.epochs, "threads": torch.get_num_threads(), "seconds": elapsed}
 
-    results["settings"] = {"seeds": args.seeds, "epochs": args.epochs, "lambda": args.lam, "lr": args.lr, "saliency": args.saliency, "select": args.select, "batch_size": 64}
-    print("\n| variant | arch | λ | train decoy | decoy-free test accuracy (mean ± std) |")
-    print("|---|---|---|---|---|")
+    print("\n| variant | config (+ overrides) | arch | objective | λ harm. | λ RRR | train decoy | decoy-free test acc. | other-shade acc. | follows decoy |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.variants:
         r = results[name]
-        print(f"| {name} | {r['arch']} | {r['lambda']:g} | {r['train_decoy']} | {100 * r['mean']:.1f}% ± {100 * r['std']:.1f} |")
-    if {"baseline", "harmonized_lipschitz", "harmonized_cnn", "oracle"} <= set(results):
-        for h in ("harmonized_cnn", "harmonized_lipschitz"):
-            gain = 100 * (results[h]["mean"] - results["baseline"]["mean"])
-            gap = 100 * (results["oracle"]["mean"] - results[h]["mean"])
-            print(f"\n{h}: +{gain:.1f} points over baseline (target ≥ 15), {gap:.1f} points below oracle (target ≤ 3)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {args.out}")
+        config = " ".join([Path(r["config"]).name, *(o.split(".")[-1] for o in r["overrides"])])
+        print(f"| {name} | {config} | {r['arch']} | {r['objective']} | {r['lambda_harmonization']:g} | {r['lambda_rrr']:g} "
+              f"| {r['train_decoy']} | {100 * r['mean']:.1f}% ± {100 * r['std']:.1f} | {100 * r['acc_other_shade_mean']:.1f}% "
+              f"| {100 * r['follows_decoy_mean']:.1f}% |")
+    if "baseline" in results:
+        for name in ("harmonized_cnn", "harmonized_rrr_cnn", "harmonized_lipschitz", "rrr_cnn"):
+            if name not in results:
+                continue
+            gain = 100 * (results[name]["mean"] - results["baseline"]["mean"])
+            line = f"\n{name}: {gain:+.1f} points over baseline (target ≥ +15)"
+            for oracle in dict.fromkeys(["oracle", results[name]["oracle"]]):
+                if oracle in results:
+                    line += f"; {100 * (results[oracle]['mean'] - results[name]['mean']):.1f} points below {oracle} (target ≤ 3)"
+            print(line)
+    epochs = sorted({results[n]["epochs"] for n in args.variants})
+    print(f"\n{len(args.variants)} variants × {len(args.seeds)} seeds, epochs {epochs}, "
+          f"{torch.get_num_threads()} threads: {elapsed / 60:.1f} minutes")
+    write_json(args.out, results)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

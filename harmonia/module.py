@@ -19,9 +19,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchmetrics.classification import MulticlassAccuracy
 
 from harmonia.data.sample import Sample
-from harmonia.explain.gradient import input_gradient
+from harmonia.explain.gradient import Score, input_gradient
 from harmonia.losses import HarmonizationLoss, build_objective
 from harmonia.losses.harmonization import TokenNormalization
+from harmonia.losses.rrr import RightReasonsLoss, log_prob_sum
 from harmonia.models import build_model, cached_weights
 from harmonia.optim import apply_lr_scales, parameter_groups
 
@@ -43,10 +44,19 @@ class AlignedClassifier(pl.LightningModule):
             of the signed gradient; standardize-cut then ignores negative evidence, so a model
             may keep using a region with a negative-signed gradient unpunished. ``abs``: mean
             of |gradient|, so any sensitivity outside the human map is penalized.
+        saliency_score: what the saliency differentiates: ``logit`` (the reference: the
+            true class's logit) or ``log_prob`` (its log-softmax, which also moves with every
+            other class's logit; a model can read a shortcut through the other logits while
+            the true logit's gradient stays flat, see benchmarks/README.md).
+        lambda_rrr: weight of the Right-for-the-Right-Reasons penalty (Ross et al. 2017,
+            ``harmonia.losses.rrr``) on ``∂ Σ_k log p_k / ∂x`` outside the human map; 0
+            (default) disables it. Independent of ``lambda_harmonization``.
         optimizer: optimizer factory; its ``weight_decay`` applies only to weights that are
             not normalization/embedding/class-token parameters (the reference's L2 term; with
             SGD, ``weight_decay = λ_w`` is the reference's ``λ_w Σ ½‖W‖²``).
-        lr_scheduler: optional scheduler factory, stepped every epoch.
+        lr_scheduler: optional scheduler factory.
+        lr_scheduler_interval: step the scheduler every ``epoch`` (default) or every optimizer
+            ``step`` (one-cycle, or cosine with ``T_max`` in steps).
         lr_scales: learning-rate multipliers per model part, e.g. ``{backbone: 0.1}`` or
             ``{head: 10, net.layer4: 0.5}`` (parts: ``harmonia.models.parts``); the decay rule
             above holds in every group.
@@ -63,13 +73,21 @@ class AlignedClassifier(pl.LightningModule):
         pyramid_levels: int = 5,
         token_normalization: TokenNormalization = "batch",
         saliency: Literal["signed", "abs"] = "signed",
+        saliency_score: Score = "logit",
+        lambda_rrr: float = 0.0,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         lr_scales: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
-        if lambda_harmonization < 0:
-            raise ValueError(f"lambda_harmonization must be >= 0; got {lambda_harmonization}")
+        for name, value in (("lambda_harmonization", lambda_harmonization), ("lambda_rrr", lambda_rrr)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0; got {value}")
+        if saliency_score not in ("logit", "log_prob"):
+            raise ValueError(f"saliency_score must be 'logit' or 'log_prob'; got {saliency_score!r}")
+        if lr_scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"lr_scheduler_interval must be 'epoch' or 'step'; got {lr_scheduler_interval!r}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model = build_model(arch, num_classes=num_classes, **(arch_args or {}))
         self.objective = build_objective(objective, **(objective_args or {}))
@@ -78,8 +96,12 @@ class AlignedClassifier(pl.LightningModule):
         if saliency not in ("signed", "abs"):
             raise ValueError(f"saliency must be 'signed' or 'abs'; got {saliency!r}")
         self.saliency = saliency
+        self.saliency_score = saliency_score
+        self.lambda_rrr = lambda_rrr
+        self.rrr = RightReasonsLoss(token_normalization)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
+        self.scheduler_interval = lr_scheduler_interval
         self.lr_scales = dict(lr_scales or {})
         parameter_groups(self.model, self.lr_scales)  # fail at construction on an unknown part
         # ModuleDict keys may not shadow nn.Module attributes ("train"), hence the suffix.
@@ -101,22 +123,41 @@ class AlignedClassifier(pl.LightningModule):
         mixes both is forwarded as two sub-batches (note: a BatchNorm model then normalizes
         each sub-batch with its own statistics).
         """
+        logits, saliency, _, mapped = self.forward_with_explanations(image, label, has_map, create_graph)
+        return logits, saliency, mapped
+
+    def forward_with_explanations(
+        self, image: Tensor, label: Tensor, has_map: Tensor, create_graph: bool,
+        saliency: bool = True, rrr: bool = False,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+        """Logits, and for the mapped samples the saliency and/or the RRR input gradient.
+
+        Returns ``(logits (N,K), saliency (M,1,H,W) | None, rrr gradient (M,C,H,W) | None,
+        mapped index (M,))``. Both explanations come from the same forward of the mapped
+        samples (the graph is kept for the second gradient).
+        """
         mapped = has_map.nonzero().flatten()
-        if mapped.numel() == 0:
-            return self.model(image), None, mapped
+        if mapped.numel() == 0 or not (saliency or rrr):
+            return self.model(image), None, None, mapped
         if mapped.numel() == len(image):
             inputs = image.detach().requires_grad_(True)
-            logits = self.model(inputs)
-            grad = input_gradient(logits, inputs, label, create_graph)
-            return logits, self._reduce(grad), mapped
-        unmapped = (~has_map).nonzero().flatten()
-        inputs = image[mapped].detach().requires_grad_(True)
-        logits_mapped = self.model(inputs)
-        grad = input_gradient(logits_mapped, inputs, label[mapped], create_graph)
-        logits_unmapped = self.model(image[unmapped])
-        order = torch.argsort(torch.cat([mapped, unmapped]))
-        logits = torch.cat([logits_mapped, logits_unmapped])[order]
-        return logits, self._reduce(grad), mapped
+            logits = logits_mapped = self.model(inputs)
+        else:
+            unmapped = (~has_map).nonzero().flatten()
+            inputs = image[mapped].detach().requires_grad_(True)
+            logits_mapped = self.model(inputs)
+            logits_unmapped = self.model(image[unmapped])
+            order = torch.argsort(torch.cat([mapped, unmapped]))
+            logits = torch.cat([logits_mapped, logits_unmapped])[order]
+        saliency_map = rrr_gradient = None
+        if saliency:
+            grad = input_gradient(
+                logits_mapped, inputs, label[mapped], create_graph, self.saliency_score, retain_graph=rrr or None
+            )
+            saliency_map = self._reduce(grad)
+        if rrr:
+            (rrr_gradient,) = torch.autograd.grad(log_prob_sum(logits_mapped), inputs, create_graph=create_graph)
+        return logits, saliency_map, rrr_gradient, mapped
 
     def _reduce(self, grad: Tensor) -> Tensor:
         """Channel reduction of the input gradient to a ``(M,1,H,W)`` saliency map."""
@@ -125,18 +166,19 @@ class AlignedClassifier(pl.LightningModule):
     def _step(self, batch: Sample, stage: str) -> Tensor:
         training = stage == "train"
         want_saliency = self.lambda_harmonization > 0 or not training
+        want_rrr = self.lambda_rrr > 0
         # Evaluation needs gradients w.r.t. inputs: escape no_grad / inference_mode locally.
         with torch.inference_mode(False), torch.enable_grad(), cached_weights():
             # A stand-alone validate/test creates inference tensors, which autograd may not
             # save; normal copies are cheap next to the double backward.
             image, human_map, has_map, label = (t.clone() if t.is_inference() else t for t in batch)
-            if want_saliency:
-                # Fused attention kernels (flash, memory-efficient) have no double backward: the
-                # harmonized training forward of attention models (ViTs) uses the math kernel.
-                with sdpa_kernel([SDPBackend.MATH]) if training else nullcontext():
-                    logits, saliency, mapped = self.forward_with_saliency(image, label, has_map, training)
-            else:
-                logits, saliency, mapped = self.model(image), None, has_map.new_empty(0)
+            # Fused attention kernels (flash, memory-efficient) have no double backward: the
+            # harmonized training forward of attention models (ViTs) uses the math kernel.
+            double_backward = training and (want_saliency or want_rrr)
+            with sdpa_kernel([SDPBackend.MATH]) if double_backward else nullcontext():
+                logits, saliency, rrr_gradient, mapped = self.forward_with_explanations(
+                    image, label, has_map, training, want_saliency, want_rrr
+                )
             objective = self.objective(logits, label)
             if saliency is None:
                 harmonization = objective.new_zeros(())
@@ -147,8 +189,12 @@ class AlignedClassifier(pl.LightningModule):
                 with torch.autocast(image.device.type, enabled=False):
                     harmonization = self.harmonization(saliency, human_map[mapped].to(saliency.dtype), len(label))
             loss = objective + self.lambda_harmonization * harmonization
+            rrr = objective.new_zeros(())
+            if rrr_gradient is not None:
+                rrr = self.rrr(rrr_gradient, human_map[mapped].to(rrr_gradient.dtype), len(label))
+                loss = loss + self.lambda_rrr * rrr
         if not training:
-            loss, objective, harmonization, logits = (t.detach() for t in (loss, objective, harmonization, logits))
+            loss, objective, harmonization, rrr, logits = (t.detach() for t in (loss, objective, harmonization, rrr, logits))
         accuracy = self.accuracy[f"{stage}_acc"]
         # update() only: the metric is logged per epoch, so no per-batch value is computed.
         accuracy.update(logits, label)
@@ -157,6 +203,8 @@ class AlignedClassifier(pl.LightningModule):
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=training, sync_dist=sync)
         self.log(f"{stage}/objective", objective, on_step=False, on_epoch=True, sync_dist=sync)
         self.log(f"{stage}/harmonization", harmonization, on_step=False, on_epoch=True, sync_dist=sync)
+        if want_rrr:
+            self.log(f"{stage}/rrr", rrr, on_step=False, on_epoch=True, sync_dist=sync)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
@@ -188,9 +236,9 @@ class AlignedClassifier(pl.LightningModule):
             )
 
     def configure_optimizers(self) -> Any:
-        """Optimizer with decay on non-normalization weights only, per-part lr; optional epoch-wise scheduler."""
+        """Optimizer with decay on non-normalization weights only, per-part lr; optional scheduler."""
         optimizer = apply_lr_scales(self.optimizer_factory(parameter_groups(self.model, self.lr_scales)))
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from harmonia.data import DecoyDigits, DecoyDigitsDataModule, Sample
-from harmonia.data.digits import CANVAS, DECOY
+from harmonia.data.digits import CANVAS, DECOY, label_shade
 
 
 def _decoy_shades(ds: DecoyDigits) -> torch.Tensor:
@@ -105,3 +105,17 @@ def test_datamodule_yields_the_batch_contract() -> None:
     assert batch.human_map.shape == (16, 1, 32, 32)
     assert batch.has_map.dtype == torch.bool and batch.label.dtype == torch.int64
     assert 0 <= batch.image.min() and batch.image.max() <= 1
+
+
+def test_decoys_can_be_repainted_for_counterfactual_probes() -> None:
+    train = DecoyDigits("train", seed=0)
+    torch.testing.assert_close(train.with_decoy_shades(label_shade(train.labels.float())), train.images)
+    test = DecoyDigits("test", seed=0)
+    painted = test.with_decoy_shades(torch.full((len(test),), 0.5))
+    changed = (painted != test.images).flatten(1).sum(1)
+    assert changed.max() <= DECOY * DECOY and changed.sum() > 0  # only the decoy squares move
+    assert torch.all(_decoy_shades(type("D", (), {"images": painted, "corners": test.corners})()) == 0.5)
+    with pytest.raises(ValueError, match="one shade per sample"):
+        test.with_decoy_shades(torch.zeros(3))
+    with pytest.raises(ValueError, match="decoy='none'"):
+        DecoyDigits("val", decoy="none").with_decoy_shades(torch.zeros(len(DecoyDigits("val"))))

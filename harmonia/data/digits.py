@@ -39,6 +39,16 @@ def split_indices(labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
+def label_shade(labels: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """The training split's decoy shade of each label: ``1 - 0.09·label`` (SPEC §5)."""
+    return 1.0 - 0.09 * labels
+
+
+def decoy_origin(corner: int) -> tuple[int, int]:
+    """Top-left pixel ``(row, col)`` of the decoy square in corner 0..3 (TL, TR, BL, BR)."""
+    return (0 if corner in (0, 1) else CANVAS - DECOY), (0 if corner in (0, 2) else CANVAS - DECOY)
+
+
 def render(
     digits: np.ndarray, labels: np.ndarray, decoy: DecoyMode, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -52,7 +62,7 @@ def render(
     offsets = rng.integers(0, CANVAS - DIGIT + 1, size=(n, 2))
     corners = rng.integers(0, 4, size=n) if decoy != "none" else np.full(n, -1)
     if decoy == "label":
-        shades = 1.0 - 0.09 * labels.astype(np.float64)
+        shades = label_shade(labels.astype(np.float64))
     else:
         shades = rng.uniform(0.1, 1.0, size=n)
     images = np.zeros((n, CANVAS, CANVAS), dtype=np.float32)
@@ -65,8 +75,7 @@ def render(
     for i in range(n):
         if corners[i] < 0:
             continue
-        top = 0 if corners[i] in (0, 1) else CANVAS - DECOY
-        left = 0 if corners[i] in (0, 2) else CANVAS - DECOY
+        top, left = decoy_origin(corners[i])
         # The decoy is painted over the digit and is never part of what a human looks at.
         images[i, top : top + DECOY, left : left + DECOY] = shades[i]
         maps[i, top : top + DECOY, left : left + DECOY] = 0.0
@@ -123,6 +132,22 @@ class DecoyDigits(Dataset):
         self.corners = torch.from_numpy(corners)
         self.source_index = torch.from_numpy(index)
         self.num_classes = 10
+
+    def with_decoy_shades(self, shades: torch.Tensor) -> torch.Tensor:
+        """A copy of the images with each decoy square repainted in ``shades[i]`` (shape ``(N,)``).
+
+        Counterfactual probes of shortcut reliance: e.g. the shade another class had in the
+        training split. The square is painted over the digit, as when the split was built.
+        """
+        if (self.corners < 0).any():
+            raise ValueError(f"{self.split} split was built with decoy='none': there is no decoy square to repaint")
+        if shades.shape != (len(self),):
+            raise ValueError(f"need one shade per sample, shape ({len(self)},); got {tuple(shades.shape)}")
+        images = self.images.clone()
+        for i, corner in enumerate(self.corners.tolist()):
+            top, left = decoy_origin(corner)
+            images[i, :, top : top + DECOY, left : left + DECOY] = shades[i]
+        return images
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -9,25 +9,44 @@ The attribution methods (``Saliency``, ``SmoothGrad``, ``IntegratedGradients``) 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
+Score = Literal["logit", "log_prob"]
 
-def class_score(logits: Tensor, target: Tensor) -> Tensor:
-    """The logit of each sample's target class, shape ``(N,)`` (a logit, not a softmax)."""
+
+def class_score(logits: Tensor, target: Tensor, score: Score = "logit") -> Tensor:
+    """Per-sample score of the target class, shape ``(N,)``.
+
+    ``"logit"``: the raw logit (the reference, not a softmax); ``"log_prob"``: its log-softmax
+    ``logit_y - logsumexp(logits)``, whose input gradient also carries every *other* class's
+    logit, through which a model can read a shortcut the true logit's gradient does not show.
+    """
+    if score == "log_prob":
+        logits = logits.log_softmax(dim=-1)
+    elif score != "logit":
+        raise ValueError(f"score must be 'logit' or 'log_prob'; got {score!r}")
     return logits.gather(1, target.long().view(-1, 1)).squeeze(1)
 
 
 def input_gradient(
-    logits: Tensor, inputs: Tensor, target: Tensor, create_graph: bool = False
+    logits: Tensor,
+    inputs: Tensor,
+    target: Tensor,
+    create_graph: bool = False,
+    score: Score = "logit",
+    retain_graph: bool | None = None,
 ) -> Tensor:
-    """``∂ Σ_n logit_{n, y_n} / ∂ inputs`` for logits already computed from ``inputs``.
+    """``∂ Σ_n score_{n, y_n} / ∂ inputs`` for logits already computed from ``inputs``.
 
     With ``create_graph=True`` the result stays differentiable w.r.t. the parameters (double
-    backward), which is what the harmonization loss needs.
+    backward), which is what the harmonization loss needs. ``retain_graph`` keeps the forward
+    graph for a second gradient of the same logits.
     """
     (grad,) = torch.autograd.grad(
-        class_score(logits, target).sum(), inputs, create_graph=create_graph
+        class_score(logits, target, score).sum(), inputs, create_graph=create_graph, retain_graph=retain_graph
     )
     return grad
 

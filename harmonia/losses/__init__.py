@@ -7,10 +7,12 @@ from harmonia.losses.harmonization import (
     standardize_cut,
 )
 from harmonia.losses.objectives import OBJECTIVES, build_objective, decayed_parameters
+from harmonia.losses.rrr import RightReasonsLoss
 
 __all__ = [
     "HarmonizationLoss",
     "OBJECTIVES",
+    "RightReasonsLoss",
     "build_objective",
     "decayed_parameters",
     "gaussian_pyramid",

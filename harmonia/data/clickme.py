@@ -1,0 +1,340 @@
+"""ClickMe records (SPEC §2): the ``tf.train.Example`` schema, decoding, reference preprocessing.
+
+Schema of one record (serre-lab/harmonization ``clickme_dataset.py``)::
+
+    image    bytes  JPEG 256×256×3   (or raw float32 H×W×3, little-endian; or a float_list)
+    heatmap  bytes  JPEG 256×256×1   (or raw float32 H×W)
+    label    int64  ImageNet class 0..999
+    click_count int64  optional (some internal archives)
+    height, width int64  optional: the shape of raw arrays (else square is assumed)
+
+The encoding is detected **per record**: bytes starting with a JPEG/PNG signature are decoded
+(torchvision.io, libjpeg-turbo); other bytes are raw float32. Raw images are read in
+[0, ``raw_image_range``] (255 by default: the reference pipeline's float range) and must lie
+there; decoded 8-bit images and maps are divided by 255.
+
+Reference preprocessing, followed by default (``map_normalization="none"``): image resized to
+224×224 bilinear (no antialiasing, TF's ``tf.image.resize``); heatmap resized to 64×64
+bilinear, blurred by the reference's 10×10 Gaussian (σ = 10, built as the reference builds it:
+offsets −5..4 across and 4..−5 down, TF "SAME" zero padding 4 before / 5 after), resized to
+224×224 bilinear. Two deliberate differences, both scale-only or rounding-only:
+- maps are in [0, 1] (heatmap/255) rather than [0, 255]: the harmonization loss standardizes
+  each map and the alignment metric is a rank correlation, so the scale does not matter;
+- the image is resized in uint8 (fast vectorized kernel), i.e. the reference's float result
+  rounded to the nearest 1/255 (tested).
+``map_normalization="minmax"`` is the lab's pre-release variant: each final map is min–max
+scaled to [0, 1] (a constant map becomes zeros: it carries no spatial information, and the
+loss's standardize-cut maps it to zeros anyway).
+
+With a training transform (random resized crop, flip), the blurred map is brought back to the
+image's own size and the two are cropped together (one resampling of the image, from 256 px).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO, Literal, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from google.protobuf.message import DecodeError
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_image, encode_jpeg, encode_png
+
+from harmonia.data.errors import BadSampleError, SkipCounter
+from harmonia.data.example import decode_example, encode_example
+from harmonia.data.sample import Sample
+from harmonia.data.tfrecord import iter_records, read_record, record_offsets
+from harmonia.data.transforms import JointTransform
+from harmonia.data.validate import check_label, check_map, expand_files
+
+MapNormalization = Literal["none", "minmax"]
+BLUR_SIZE, BLUR_SIGMA, LOW_RES = 10, 10.0, 64
+RECORD_SUFFIXES = (".tfrecords", ".tfrecord", ".tfr")
+IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG")
+
+
+class ClickMeRecord(NamedTuple):
+    """One decoded record: image uint8 or float in [0,1] ``(3,H,W)``, heatmap float ``(1,H,W)``."""
+
+    image: Tensor
+    heatmap: Tensor
+    label: int
+    click_count: int | None
+
+
+def reference_kernel(size: int = BLUR_SIZE, sigma: float = BLUR_SIGMA) -> Tensor:
+    """The reference's Gaussian blur kernel ``(size, size)``, summing to 1.
+
+    Columns sit at offsets ``-(size-1)//2 .. (size-1)//2`` and rows run the other way, as in
+    serre-lab/harmonization ``blur.py``; for an even size this is asymmetric by one pixel,
+    which we keep so that results match the reference.
+    """
+    lo, hi = -(size - 1) // 2, (size - 1) // 2  # Python precedence: (-(size-1)) // 2, as the reference
+    xs = torch.arange(lo, hi + 1, dtype=torch.float64)
+    ys = torch.arange(hi, lo - 1, -1, dtype=torch.float64)
+    kernel = torch.exp(-(xs[None, :] ** 2 + ys[:, None] ** 2) / (2 * sigma**2))
+    return (kernel / kernel.sum()).float()
+
+
+_KERNEL = reference_kernel()[None, None]
+_PAD = ((BLUR_SIZE - 1) // 2, BLUR_SIZE - 1 - (BLUR_SIZE - 1) // 2)  # TF "SAME": 4 before, 5 after
+
+
+def blur_heatmap(heatmap: Tensor, size: Sequence[int]) -> Tensor:
+    """Reference map preprocessing: ``(1,H,W)`` → 64×64 bilinear → Gaussian blur → ``size``."""
+    low = F.interpolate(heatmap[None], size=(LOW_RES, LOW_RES), mode="bilinear", align_corners=False)
+    low = F.conv2d(F.pad(low, (_PAD[0], _PAD[1], _PAD[0], _PAD[1])), _KERNEL)
+    return F.interpolate(low, size=tuple(size), mode="bilinear", align_corners=False)[0]
+
+
+def minmax(human_map: Tensor) -> Tensor:
+    """Scale a map to [0, 1] (the pre-release variant); a constant map becomes zeros."""
+    low, high = human_map.min(), human_map.max()
+    span = high - low
+    return (human_map - low) / span if span > 0 else torch.zeros_like(human_map)
+
+
+def _decode_array(value: list, where: str, what: str, channels: int, shape: tuple[int, int] | None) -> Tensor:
+    """A JPEG/PNG (uint8 ``(C,H,W)``) or a raw float32 array (float ``(C,H,W)``)."""
+    if value and isinstance(value[0], bytes):
+        if len(value) != 1:
+            raise BadSampleError(where, f"feature {what!r} holds {len(value)} byte strings, expected 1")
+        data = value[0]
+        if data.startswith(IMAGE_SIGNATURES):
+            mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
+            try:
+                return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+            except RuntimeError as err:
+                raise BadSampleError(where, f"cannot decode {what!r} ({len(data)} bytes): {err}") from None
+        if len(data) % 4:
+            raise BadSampleError(where, f"{what!r} is neither JPEG/PNG nor float32 ({len(data)} bytes)")
+        array = np.frombuffer(data, dtype="<f4")
+    elif value and isinstance(value[0], float):
+        array = np.asarray(value, dtype=np.float32)
+    else:
+        raise BadSampleError(where, f"feature {what!r} is missing or empty")
+    if shape is None:
+        side = math.isqrt(len(array) // channels)
+        if side * side * channels != len(array):
+            raise BadSampleError(where, f"raw {what!r} has {len(array)} values: not a square {channels}-channel array"
+                                 " (add int64 features 'height' and 'width')")
+        shape = (side, side)
+    if shape[0] * shape[1] * channels != len(array):
+        raise BadSampleError(where, f"raw {what!r} has {len(array)} values, expected {shape[0]}×{shape[1]}×{channels}")
+    # Raw arrays are stored H×W×C as the reference's tensors; we want C×H×W.
+    return torch.from_numpy(array.copy()).view(shape[0], shape[1], channels).permute(2, 0, 1).contiguous()
+
+
+def _single_int(features: dict, key: str, where: str, required: bool) -> int | None:
+    value = features.get(key)
+    if value is None or value == []:
+        if required:
+            raise BadSampleError(where, f"feature {key!r} is missing")
+        return None
+    if len(value) != 1 or not isinstance(value[0], int):
+        raise BadSampleError(where, f"feature {key!r} must be one int64; got {value!r:.60}")
+    return value[0]
+
+
+def decode_clickme(data: bytes, where: str, raw_image_range: float = 255.0) -> ClickMeRecord:
+    """Decode one serialized ClickMe ``tf.train.Example``; errors name ``where``."""
+    try:
+        features = decode_example(data)
+    except DecodeError as err:
+        raise BadSampleError(where, f"not a tf.train.Example: {err}") from None
+    height, width = _single_int(features, "height", where, False), _single_int(features, "width", where, False)
+    shape = (height, width) if height is not None and width is not None else None
+    image = _decode_array(features.get("image", []), where, "image", 3, shape)
+    if image.is_floating_point():
+        if not torch.isfinite(image).all() or image.min() < 0 or image.max() > raw_image_range * (1 + 1e-4):
+            raise BadSampleError(where, f"raw image values outside [0, {raw_image_range:g}] (raw_image_range)")
+        image = image / raw_image_range
+    heatmap = _decode_array(features.get("heatmap", []), where, "heatmap", 1, shape)
+    heatmap = heatmap.float() / 255.0 if heatmap.dtype == torch.uint8 else heatmap
+    label = _single_int(features, "label", where, True)
+    return ClickMeRecord(image, heatmap, label, _single_int(features, "click_count", where, False))
+
+
+def encode_clickme(
+    image: Tensor | bytes,
+    heatmap: Tensor | bytes,
+    label: int,
+    click_count: int | None = None,
+    quality: int = 95,
+) -> bytes:
+    """Serialize a ClickMe record (the writer the tests and the converter use).
+
+    ``image``/``heatmap``: encoded bytes (kept as they are), a uint8 tensor ``(C,H,W)`` (JPEG
+    encoded at ``quality``; a heatmap is saved as lossless PNG when ``quality`` is 100), or a
+    float tensor, stored raw as float32 H×W×C with ``height``/``width`` features.
+    """
+    features: dict = {"label": int(label)}
+
+    def encode(x: Tensor | bytes) -> bytes:
+        if isinstance(x, bytes):
+            return x
+        if x.dtype == torch.uint8:
+            return bytes(encode_png(x) if quality >= 100 else encode_jpeg(x, quality=quality))
+        features["height"], features["width"] = int(x.shape[-2]), int(x.shape[-1])
+        return x.detach().float().permute(1, 2, 0).contiguous().numpy().astype("<f4").tobytes()
+
+    features["image"] = encode(image)
+    features["heatmap"] = encode(heatmap if isinstance(heatmap, bytes) or heatmap.dim() == 3 else heatmap[None])
+    if click_count is not None:
+        features["click_count"] = int(click_count)
+    return encode_example(features)
+
+
+def _reference_image(image: Tensor, size: int) -> Tensor:
+    """Bilinear resize without antialiasing (TF's), in uint8 when the image is uint8."""
+    if image.shape[-2:] == (size, size):
+        return image
+    return F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+
+
+class ClickMeRecords(Dataset):
+    """Map-style dataset of ClickMe TFRecord files, yielding ``Sample`` (random access by index).
+
+    Args:
+        files: a folder (its ``*.tfrecords``/``*.tfrecord``/``*.tfr`` files), a glob, or a list.
+        num_classes: labels must lie in ``[0, num_classes)``.
+        size: output side when ``transform`` is None (the reference evaluation path).
+        transform: a :class:`JointTransform`; None → the exact reference preprocessing at
+            ``size``. A resize-only transform also uses the reference path at its size (then
+            its photometric part, e.g. normalization); a training transform crops the image
+            and the blurred map together from the native resolution.
+        map_normalization: ``"none"`` (reference) or ``"minmax"`` (pre-release variant).
+        skip_bad_samples: False → a bad record raises :class:`BadSampleError` naming the file
+            and record index. True → it is counted (``self.skips``) and ``__getitem__``
+            returns None, which :func:`harmonia.data.collate.collate_samples` drops.
+        index_dir: where record-offset indexes are cached (None: ``<file>.idx`` beside each file).
+        verify_crc: check both CRCs of every record read (cheap; on by default).
+        raw_image_range: value range of raw float32 images (255: the reference's float range).
+
+    A truncated file is found while indexing: an error, or with ``skip_bad_samples`` the
+    records before the damage are kept and the lost tail is counted as one skip.
+    """
+
+    def __init__(
+        self,
+        files: str | Sequence[str],
+        num_classes: int = 1000,
+        size: int = 224,
+        transform: JointTransform | None = None,
+        map_normalization: MapNormalization = "none",
+        skip_bad_samples: bool = False,
+        index_dir: str | None = None,
+        verify_crc: bool = True,
+        raw_image_range: float = 255.0,
+    ) -> None:
+        if map_normalization not in ("none", "minmax"):
+            raise ValueError(f"map_normalization must be 'none' or 'minmax'; got {map_normalization!r}")
+        self.files = expand_files(files, RECORD_SUFFIXES)
+        self.num_classes, self.transform = num_classes, transform
+        self.size = transform.size if transform is not None else size
+        self.map_normalization, self.skip_bad_samples = map_normalization, skip_bad_samples
+        self.verify_crc, self.raw_image_range = verify_crc, raw_image_range
+        self.skips = SkipCounter()
+        offsets, owners = [], []
+        for number, path in enumerate(self.files):
+            try:
+                found = record_offsets(path, index_dir)
+            except BadSampleError as err:
+                if not skip_bad_samples:
+                    raise
+                self.skips.add_skipped(err)
+                found = _offsets_before_damage(path)
+            offsets.append(found)
+            owners.append(np.full(len(found), number, dtype=np.int32))
+        self.offsets = np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
+        self.owners = np.concatenate(owners) if owners else np.zeros(0, np.int32)
+        starts = np.cumsum([0] + [len(o) for o in offsets])
+        self.local_index = np.arange(len(self.offsets)) - starts[self.owners]
+        self._handles: dict[int, BinaryIO] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def where(self, i: int) -> str:
+        """``"<file>, record <k>"`` for global index ``i``."""
+        return f"{self.files[self.owners[i]]}, record {self.local_index[i]}"
+
+    def _handle(self, number: int) -> BinaryIO:
+        if self._pid != os.getpid():  # a forked worker: never share a parent's file offsets
+            self._handles, self._pid = {}, os.getpid()
+        if number not in self._handles:
+            self._handles[number] = open(self.files[number], "rb")
+        return self._handles[number]
+
+    def read(self, i: int) -> ClickMeRecord:
+        """The decoded (not preprocessed) record ``i``."""
+        number = int(self.owners[i])
+        where = self.where(i)
+        data = read_record(self._handle(number), int(self.offsets[i]), self.files[number], int(self.local_index[i]),
+                           self.verify_crc)
+        record = decode_clickme(data, where, self.raw_image_range)
+        check_label(record.label, self.num_classes, where)
+        check_map(record.heatmap, record.image.shape[-2:], where)
+        return record
+
+    def __getitem__(self, i: int) -> Sample | None:
+        try:
+            record = self.read(i)
+        except BadSampleError as err:
+            if not self.skip_bad_samples:
+                raise
+            self.skips.add_skipped(err)
+            return None
+        self.skips.add_read()
+        image, human_map = preprocess_clickme(record.image, record.heatmap, self.size, self.transform,
+                                              self.map_normalization)
+        return Sample(image, human_map, torch.tensor(True), torch.tensor(record.label, dtype=torch.int64))
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+
+def preprocess_clickme(
+    image: Tensor,
+    heatmap: Tensor,
+    size: int,
+    transform: JointTransform | None = None,
+    map_normalization: MapNormalization = "none",
+) -> tuple[Tensor, Tensor]:
+    """Reference preprocessing (+ optional joint augmentation) of a decoded record.
+
+    Returns ``(image float (3,size,size) in [0,1], map float (1,size,size) >= 0)``.
+    """
+    if transform is None or transform.resize_only:
+        image = _reference_image(image, size)
+        image = image.float().div_(255.0) if image.dtype == torch.uint8 else image
+        if transform is not None:
+            image = transform.photometric(image)
+        human_map = blur_heatmap(heatmap, (size, size)).clamp_(min=0.0)
+    else:
+        human_map = blur_heatmap(heatmap, image.shape[-2:])
+        image, human_map = transform(image, human_map)
+    if map_normalization == "minmax":
+        human_map = minmax(human_map)
+    return image, human_map
+
+
+def _offsets_before_damage(path: Path) -> np.ndarray:
+    """Offsets of the records before the first damaged one (used when skipping bad files)."""
+    offsets, position = [], 0
+    try:
+        for _, data in iter_records(path, verify=True):
+            offsets.append(position)
+            position += 16 + len(data)
+    except BadSampleError:
+        pass
+    return np.asarray(offsets, dtype=np.int64)

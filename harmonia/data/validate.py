@@ -1,0 +1,70 @@
+"""Checks every reader applies to a decoded sample before it enters a batch.
+
+Each check raises :class:`~harmonia.data.errors.BadSampleError` naming the sample, so a bad
+map or label stops the run with a message a user can act on (or is counted and skipped with
+``skip_bad_samples=True``) instead of training on garbage.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from harmonia.data.errors import BadSampleError
+
+
+def check_label(label: int, num_classes: int | None, where: str) -> int:
+    """``label`` as an int in ``[0, num_classes)`` (no upper bound when ``num_classes`` is None)."""
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
+        raise BadSampleError(where, f"label {label} out of range {bound}")
+    return int(label)
+
+
+def check_map(human_map: Tensor, image_hw: Sequence[int], where: str) -> Tensor:
+    """A human map ``(1,H,W)`` float, of the image's size, finite and >= 0."""
+    if human_map.dim() == 2:
+        human_map = human_map[None]
+    if human_map.dim() != 3 or human_map.shape[0] != 1:
+        raise BadSampleError(where, f"human map must be (H,W) or (1,H,W); got shape {tuple(human_map.shape)}")
+    if tuple(human_map.shape[-2:]) != tuple(image_hw):
+        raise BadSampleError(
+            where, f"human map is {tuple(human_map.shape[-2:])} but the image is {tuple(image_hw)} (H, W)"
+        )
+    if not human_map.is_floating_point():
+        human_map = human_map.float()
+    if not torch.isfinite(human_map).all():
+        raise BadSampleError(where, f"human map has {int((~torch.isfinite(human_map)).sum())} NaN/inf value(s)")
+    low = float(human_map.min())
+    if low < 0:
+        raise BadSampleError(where, f"human map has negative values (min {low:.4g}); maps must be >= 0")
+    return human_map
+
+
+def expand_files(spec: str | Sequence[str], suffixes: Sequence[str]) -> list[Path]:
+    """Files named by ``spec``: a folder (its files with one of ``suffixes``), a glob, or a list.
+
+    The result is sorted (a stable order makes indices and shard assignments reproducible).
+    """
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    files: list[Path] = []
+    for item in specs:
+        item = str(item)
+        if os.path.isdir(item):
+            found = [p for p in Path(item).iterdir() if p.is_file() and any(p.name.endswith(s) for s in suffixes)]
+        elif any(c in item for c in "*?["):
+            found = [Path(p) for p in glob.glob(item)]
+        else:
+            found = [Path(item)]
+        if not found:
+            raise FileNotFoundError(f"no files match {item!r} (expected {', '.join(suffixes)})")
+        for path in found:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no such file")
+        files.extend(sorted(found))
+    return files

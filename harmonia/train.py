@@ -4,6 +4,7 @@
     harmonia fit --config configs/digits.yaml --ckpt_path last     # resume an interrupted run
     harmonia test --config configs/digits.yaml --ckpt_path runs/digits/checkpoints/best.ckpt
     harmonia models                                                 # registered architectures
+    harmonia convert SOURCE OUT                                     # folder / ClickMe records → tar shards
 
 After ``fit`` the best checkpoint is tested (``--test_after_fit false`` skips it) and a summary
 table is printed: decoy-free test accuracy, harmonization loss, checkpoint and log locations.
@@ -134,6 +135,11 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "models":
         for name, description in list_models().items():
             print(f"{name:<20} {description}")
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "convert":
+        from harmonia.data.convert import main as convert_main
+
+        convert_main(sys.argv[2:])
         return
     cli_main()
 

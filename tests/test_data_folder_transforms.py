@@ -104,3 +104,39 @@ def test_normalization_is_opt_in() -> None:
     assert torch.allclose(plain, torch.full_like(plain, 128 / 255))
     normalized, _ = JointTransform(8, normalize=True)(image, torch.zeros(1, 8, 8))
     torch.testing.assert_close(normalized[0], torch.full((8, 8), (128 / 255 - 0.485) / 0.229))
+
+
+def test_device_geometry_matches_the_worker_path() -> None:
+    """augment_on='device': the same box and flip give the worker path's map and image."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from harmonia.data.device_geometry import DeviceSample, apply_device_geometry, crop_resize_flip
+    from harmonia.data.heatmap import blur_heatmap, low_res_heatmap
+
+    gen = torch.Generator().manual_seed(0)
+    image = (torch.rand(3, 128, 128, generator=gen) * 255).to(torch.uint8)
+    heat = torch.rand(1, 128, 128, generator=gen)
+    top, left, height, width = 20, 30, 70, 90
+    batch = DeviceSample(image.permute(1, 2, 0)[None], low_res_heatmap(heat)[None], torch.tensor([True]),
+                         torch.tensor([1]), torch.tensor([[left, top, left + width, top + height]], dtype=torch.float32),
+                         torch.tensor([False]))
+    out = apply_device_geometry(batch, 64)
+    worker_map = torch.nn.functional.interpolate(blur_heatmap(heat, (128, 128))[None, :, top:top + height, left:left + width],
+                                                 size=(64, 64), mode="bilinear", align_corners=False)[0]
+    # equal inside; the last row/column differ only in how the crop border is sampled
+    torch.testing.assert_close(out.human_map[0, :, :-1, :-1], worker_map[:, :-1, :-1], rtol=1e-4, atol=1e-6)
+    worker_image = TF.resized_crop(image.float() / 255, top, left, height, width, [64, 64], antialias=False)
+    torch.testing.assert_close(out.image[0, :, :-1, :-1], worker_image[:, :-1, :-1], rtol=0, atol=1e-5)
+    # the one-pixel check on the batched crop + flip
+    for seed in range(6):
+        gen = np.random.default_rng(seed)
+        y, x = (int(v) for v in gen.integers(40, 88, 2))
+        stack = torch.zeros(1, 4, 128, 128)
+        stack[0, :3, y - 1 : y + 2, x - 1 : x + 2] = 1.0
+        stack[0, 3, y, x] = 1.0
+        box = torch.tensor([[x - 30.0, y - 40.0, x + 50.0, y + 30.0]])
+        out = crop_resize_flip(stack, box, torch.tensor([seed % 2 == 1]), 64)
+        peak_map = divmod(int(out[0, 3].flatten().argmax()), 64)
+        peak_image = divmod(int(out[0, :3].sum(0).flatten().argmax()), 64)
+        assert abs(peak_map[0] - peak_image[0]) <= 1 and abs(peak_map[1] - peak_image[1]) <= 1
+        assert (peak_map[1] > 32) == (seed % 2 == 1)  # x - 30 → 30/80 of the width; flipped: right half

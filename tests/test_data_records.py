@@ -13,7 +13,8 @@ from data_files import raw_record, records
 from torchvision.io import decode_image, encode_jpeg
 
 from harmonia.data import BadSampleError, ClickMeRecords
-from harmonia.data.clickme import blur_heatmap, encode_clickme, preprocess_clickme
+from harmonia.data.clickme import encode_clickme, preprocess_clickme
+from harmonia.data.heatmap import blur_heatmap
 from harmonia.data.example import decode_example, encode_example
 from harmonia.data.tfrecord import TFRecordWriter, iter_records, masked_crc32c, record_offsets
 

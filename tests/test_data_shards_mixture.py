@@ -149,7 +149,7 @@ def test_clickme_config_trains_on_generated_records(tmp_path: Path, monkeypatch:
     cli_main([
         "fit", "--config", str(ROOT / "configs" / "clickme_resnet50.yaml"),
         "--model.arch", "cnn", "--model.arch_args", json.dumps({"in_channels": 3, "input_size": 32, "widths": [8, 16], "hidden": 32}),
-        "--model.num_classes", "10", "--data.num_classes", "10", "--data.image_size", "32",
+        "--model.num_classes", "10", "--data.num_classes", "10", "--data.image_size", "32", "--data.augment_on", "device",
         "--data.train", "train", "--data.val", "val", "--data.batch_size", "8", "--data.num_workers", "0",
         "--trainer.max_epochs", "1", "--trainer.logger", "false", "--trainer.accelerator", "cpu",
         "--trainer.devices", "1", "--trainer.enable_progress_bar", "false", "--test_after_fit", "false",
@@ -157,3 +157,19 @@ def test_clickme_config_trains_on_generated_records(tmp_path: Path, monkeypatch:
                                             "init_args": {"dirpath": "ckpt", "save_last": True}}]),
     ])
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+
+def test_device_mode_from_records_and_shards(tmp_path: Path) -> None:
+    path, _ = records(tmp_path / "r.tfrecords", count=6, size=48)
+    convert(str(path), str(tmp_path / "s"), max_count=4)
+    for source in (str(path), str(tmp_path / "s")):
+        dm = ClickMeDataModule(train=source, num_classes=10, image_size=32, batch_size=3, num_workers=0,
+                               augment_on="device", map_normalization="minmax")
+        dm.setup("fit")
+        raw = next(iter(dm.train_dataloader()))
+        assert type(raw).__name__ == "DeviceSample" and raw.image.shape == (3, 48, 48, 3)
+        batch = dm.on_after_batch_transfer(raw, 0)
+        assert batch.image.shape == (3, 3, 32, 32) and batch.human_map.shape == (3, 1, 32, 32)
+        assert torch.allclose(batch.human_map.amax(dim=(1, 2, 3)), torch.ones(3))
+    with pytest.raises(ValueError, match="augment_on='device'"):
+        ClickMeDataModule(train=str(path), augment_on="device", color_jitter=[0.1, 0.1, 0.1, 0.0])

@@ -44,9 +44,11 @@ import torch.nn.functional as F
 from google.protobuf.message import DecodeError
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image, encode_jpeg, encode_png
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, encode_jpeg, encode_png
 
+from harmonia.data.device_geometry import DeviceSample, draw_geometry
 from harmonia.data.errors import BadSampleError, SkipCounter
+from harmonia.data.heatmap import blur_heatmap, minmax
 from harmonia.data.example import decode_example, encode_example
 from harmonia.data.sample import Sample
 from harmonia.data.tfrecord import iter_records, read_record, record_offsets
@@ -54,7 +56,6 @@ from harmonia.data.transforms import JointTransform
 from harmonia.data.validate import check_label, check_map, expand_files
 
 MapNormalization = Literal["none", "minmax"]
-BLUR_SIZE, BLUR_SIGMA, LOW_RES = 10, 10.0, 64
 RECORD_SUFFIXES = (".tfrecords", ".tfrecord", ".tfr")
 IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG")
 
@@ -68,38 +69,6 @@ class ClickMeRecord(NamedTuple):
     click_count: int | None
 
 
-def reference_kernel(size: int = BLUR_SIZE, sigma: float = BLUR_SIGMA) -> Tensor:
-    """The reference's Gaussian blur kernel ``(size, size)``, summing to 1.
-
-    Columns sit at offsets ``-(size-1)//2 .. (size-1)//2`` and rows run the other way, as in
-    serre-lab/harmonization ``blur.py``; for an even size this is asymmetric by one pixel,
-    which we keep so that results match the reference.
-    """
-    lo, hi = -(size - 1) // 2, (size - 1) // 2  # Python precedence: (-(size-1)) // 2, as the reference
-    xs = torch.arange(lo, hi + 1, dtype=torch.float64)
-    ys = torch.arange(hi, lo - 1, -1, dtype=torch.float64)
-    kernel = torch.exp(-(xs[None, :] ** 2 + ys[:, None] ** 2) / (2 * sigma**2))
-    return (kernel / kernel.sum()).float()
-
-
-_KERNEL = reference_kernel()[None, None]
-_PAD = ((BLUR_SIZE - 1) // 2, BLUR_SIZE - 1 - (BLUR_SIZE - 1) // 2)  # TF "SAME": 4 before, 5 after
-
-
-def blur_heatmap(heatmap: Tensor, size: Sequence[int]) -> Tensor:
-    """Reference map preprocessing: ``(1,H,W)`` → 64×64 bilinear → Gaussian blur → ``size``."""
-    low = F.interpolate(heatmap[None], size=(LOW_RES, LOW_RES), mode="bilinear", align_corners=False)
-    low = F.conv2d(F.pad(low, (_PAD[0], _PAD[1], _PAD[0], _PAD[1])), _KERNEL)
-    return F.interpolate(low, size=tuple(size), mode="bilinear", align_corners=False)[0]
-
-
-def minmax(human_map: Tensor) -> Tensor:
-    """Scale a map to [0, 1] (the pre-release variant); a constant map becomes zeros."""
-    low, high = human_map.min(), human_map.max()
-    span = high - low
-    return (human_map - low) / span if span > 0 else torch.zeros_like(human_map)
-
-
 def _decode_array(value: list, where: str, what: str, channels: int, shape: tuple[int, int] | None) -> Tensor:
     """A JPEG/PNG (uint8 ``(C,H,W)``) or a raw float32 array (float ``(C,H,W)``)."""
     if value and isinstance(value[0], bytes):
@@ -108,8 +77,11 @@ def _decode_array(value: list, where: str, what: str, channels: int, shape: tupl
         data = value[0]
         if data.startswith(IMAGE_SIGNATURES):
             mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
-            try:
-                return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+            encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            try:  # decode_jpeg directly: decode_image's format sniffing costs ~10% of a decode here
+                if data.startswith(IMAGE_SIGNATURES[0]):
+                    return decode_jpeg(encoded, mode=mode)
+                return decode_image(encoded, mode=mode)
             except RuntimeError as err:
                 raise BadSampleError(where, f"cannot decode {what!r} ({len(data)} bytes): {err}") from None
         if len(data) % 4:
@@ -216,6 +188,10 @@ class ClickMeRecords(Dataset):
         index_dir: where record-offset indexes are cached (None: ``<file>.idx`` beside each file).
         verify_crc: check both CRCs of every record read (cheap; on by default).
         raw_image_range: value range of raw float32 images (255: the reference's float range).
+        augment_on: ``"worker"`` (default) applies ``transform`` here; ``"device"`` (training
+            transform only) returns :class:`~harmonia.data.device_geometry.DeviceSample`s whose
+            crop, flip and map blur run batched on the training device (``ClickMeDataModule``
+            does it in ``on_after_batch_transfer``; see :mod:`harmonia.data.device_geometry`).
 
     A truncated file is found while indexing: an error, or with ``skip_bad_samples`` the
     records before the damage are kept and the lost tail is counted as one skip.
@@ -232,7 +208,13 @@ class ClickMeRecords(Dataset):
         index_dir: str | None = None,
         verify_crc: bool = True,
         raw_image_range: float = 255.0,
+        augment_on: Literal["worker", "device"] = "worker",
     ) -> None:
+        if augment_on not in ("worker", "device"):
+            raise ValueError(f"augment_on must be 'worker' or 'device'; got {augment_on!r}")
+        if augment_on == "device" and (transform is None or not transform.train or transform.jitters):
+            raise ValueError("augment_on='device' needs a training JointTransform without colour jitter")
+        self.augment_on = augment_on
         if map_normalization not in ("none", "minmax"):
             raise ValueError(f"map_normalization must be 'none' or 'minmax'; got {map_normalization!r}")
         self.files = expand_files(files, RECORD_SUFFIXES)
@@ -284,7 +266,7 @@ class ClickMeRecords(Dataset):
         check_map(record.heatmap, record.image.shape[-2:], where)
         return record
 
-    def __getitem__(self, i: int) -> Sample | None:
+    def __getitem__(self, i: int) -> Sample | DeviceSample | None:
         try:
             record = self.read(i)
         except BadSampleError as err:
@@ -293,9 +275,21 @@ class ClickMeRecords(Dataset):
             self.skips.add_skipped(err)
             return None
         self.skips.add_read()
+        if self.augment_on == "device":
+            return draw_geometry(record.image, record.heatmap, record.label, self.transform.crop, self.transform.hflip)
         image, human_map = preprocess_clickme(record.image, record.heatmap, self.size, self.transform,
                                               self.map_normalization)
         return Sample(image, human_map, torch.tensor(True), torch.tensor(record.label, dtype=torch.int64))
+
+    def close(self) -> None:
+        """Close the open record files (reopened on demand)."""
+        for handle in self._handles.values():
+            handle.close()
+        self._handles = {}
+
+    def __del__(self) -> None:
+        if getattr(self, "_pid", None) == os.getpid():
+            self.close()
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

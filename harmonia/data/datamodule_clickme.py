@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from harmonia.data.clickme import ClickMeRecords, MapNormalization
 from harmonia.data.collate import collate_samples
+from harmonia.data.device_geometry import DeviceSample, apply_device_geometry
 from harmonia.data.folder import FolderDataset
 from harmonia.data.mixture import MixtureDataset, MixtureSampler
 from harmonia.data.shards import MANIFEST, ShardDataset
@@ -83,6 +84,10 @@ class ClickMeDataModule(pl.LightningDataModule):
         normalize: normalize images with ImageNet statistics (off: models normalize themselves).
         map_normalization: ``"none"`` (reference) or ``"minmax"`` (pre-release: maps in [0, 1]).
         augment: random crop/flip/jitter in training; False trains on the evaluation transform.
+        augment_on: ``"worker"``: training transforms run in the DataLoader workers;
+            ``"device"``: ClickMe records/shards only, workers decode and the crop, flip and map
+            blur run batched on the training device (``on_after_batch_transfer``), which
+            frees the workers' CPU (benchmarks/README.md); no colour jitter, no mixtures.
         batch_size: per-process batch size.
         num_workers: DataLoader workers per process.
         seed: order of mixtures and shards (the same on every rank).
@@ -108,6 +113,7 @@ class ClickMeDataModule(pl.LightningDataModule):
         normalize: bool = False,
         map_normalization: MapNormalization = "none",
         augment: bool = True,
+        augment_on: Literal["worker", "device"] = "worker",
         batch_size: int = 64,
         num_workers: int = 4,
         seed: int = 0,
@@ -121,6 +127,10 @@ class ClickMeDataModule(pl.LightningDataModule):
             raise ValueError("ClickMeDataModule needs at least one of train, val, test")
         if unmapped_train is not None and train is None:
             raise ValueError("unmapped_train is mixed into train: give train too")
+        if augment_on not in ("worker", "device"):
+            raise ValueError(f"augment_on must be 'worker' or 'device'; got {augment_on!r}")
+        if augment_on == "device" and (unmapped_train is not None or color_jitter is not None or not augment):
+            raise ValueError("augment_on='device' works with augment=True, without color_jitter and mixtures")
         self.save_hyperparameters()
         self.datasets: dict[str, Dataset] = {}
         self._reported: dict[str, int] = {}
@@ -136,16 +146,19 @@ class ClickMeDataModule(pl.LightningDataModule):
         hp = self.hparams
         kind = source_kind(source)
         transform = self.transform(train)
+        augment_on = hp.augment_on if train else "worker"
+        if kind == "folder" and augment_on == "device":
+            raise ValueError(f"{source}: augment_on='device' needs ClickMe records or ClickMe shards, not a folder")
         if kind == "shards":
             return ShardDataset(source, hp.num_classes, hp.image_size, transform, hp.map_normalization,
                                 shuffle=train, shuffle_buffer=hp.shuffle_buffer, seed=hp.seed,
                                 skip_bad_samples=hp.skip_bad_samples, num_workers=hp.num_workers,
-                                rank=self._rank()[0], world_size=self._rank()[1])
+                                rank=self._rank()[0], world_size=self._rank()[1], augment_on=augment_on)
         if kind == "folder":
             return FolderDataset(source, num_classes=hp.num_classes, size=hp.image_size, transform=transform,
                                  skip_bad_samples=hp.skip_bad_samples)
         return ClickMeRecords(source, hp.num_classes, hp.image_size, transform, hp.map_normalization,
-                              hp.skip_bad_samples, hp.index_dir)
+                              hp.skip_bad_samples, hp.index_dir, augment_on=augment_on)
 
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -205,6 +218,14 @@ class ClickMeDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """The test split, for ``harmonia predict``."""
         return self.test_dataloader()
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``augment_on="device"``: crop, flip and blur the batch on its device."""
+        if isinstance(batch, DeviceSample):
+            hp = self.hparams
+            return apply_device_geometry(batch, hp.image_size, self.transform(True).normalization,
+                                         hp.map_normalization)
+        return batch
 
     # -- bad-sample reporting -----------------------------------------------------------------
     @property

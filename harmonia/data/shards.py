@@ -31,7 +31,7 @@ import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,7 +39,9 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
-from harmonia.data.clickme import MapNormalization, minmax, preprocess_clickme
+from harmonia.data.clickme import MapNormalization, preprocess_clickme
+from harmonia.data.heatmap import minmax
+from harmonia.data.device_geometry import draw_geometry
 from harmonia.data.errors import BadSampleError, SkipCounter
 from harmonia.data.sample import Sample
 from harmonia.data.transforms import JointTransform
@@ -166,6 +168,8 @@ class ShardDataset(IterableDataset):
             ``RANK``/``WORLD_SIZE`` variables, else 0/1).
         num_workers: the DataLoader's worker count (``__len__`` needs it to compute the quotas;
             iteration uses the real one).
+        augment_on: ``"device"`` yields ``DeviceSample``s (ClickMe shards, training transform;
+            see :mod:`harmonia.data.device_geometry`); ``"worker"`` transforms here.
     """
 
     def __init__(
@@ -182,10 +186,16 @@ class ShardDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         num_workers: int = 0,
+        augment_on: Literal["worker", "device"] = "worker",
     ) -> None:
         super().__init__()
         self.folder = Path(folder)
         manifest = read_manifest(folder)
+        if augment_on == "device" and (manifest.get("map_preprocessing") != "clickme" or transform is None
+                                       or not transform.train or transform.jitters):
+            raise ValueError(f"{folder}: augment_on='device' needs ClickMe shards and a training transform "
+                             "without colour jitter")
+        self.augment_on = augment_on
         self.names = [s["name"] for s in manifest["shards"]]
         self.counts = [int(s["count"]) for s in manifest["shards"]]
         self.map_preprocessing = manifest.get("map_preprocessing", "none")
@@ -263,6 +273,10 @@ class ShardDataset(IterableDataset):
             return None
         self.skips.add_read()
         has_map = human_map is not None
+        if self.augment_on == "device":
+            if not has_map:
+                raise BadSampleError(where, "no map member: ClickMe shards need one per sample with augment_on='device'")
+            return draw_geometry(image, human_map, label, self.transform.crop, self.transform.hflip)
         if self.map_preprocessing == "clickme" and has_map:
             image, human_map = preprocess_clickme(image, human_map, self.size, self.transform, self.map_normalization)
         else:

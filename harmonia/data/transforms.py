@@ -2,15 +2,16 @@
 
 Geometric transforms (random resized crop, horizontal flip, resize) must move the human map
 with the image, or the harmonization loss would teach the model to look at the wrong place.
-v2 applies one set of sampled parameters to every tensor of a call, so image and map are passed
-*together* to one ``v2.Compose``. Both are wrapped as ``tv_tensors.Image`` so that the map is
-resampled **bilinearly** (a ``Mask`` would use nearest neighbour, which turns a smooth map into
-blocks); photometric transforms (colour jitter, optional normalization) are then applied to the
-image alone, so the map is never colour-jittered. Bilinear resampling has non-negative weights,
-so a non-negative map stays non-negative (clamped at 0 against float rounding only).
-
-Speed: the image stays ``uint8`` through the geometric ops (torch's vectorized uint8 kernels)
-and becomes float in [0, 1] once, at output size.
+Each call samples the geometry **once** (``v2.RandomResizedCrop.make_params`` and one coin
+for the flip) and applies that same box and flip to both tensors, with the same resampling
+convention (bilinear, half-pixel centres, as ``v2.functional.resized_crop``):
+- the image with v2's antialiased bilinear resize, kept in ``uint8`` through the geometry
+  (torch's vectorized uint8 kernel) and converted to float in [0, 1] once, at output size;
+- the map with plain bilinear interpolation in float (no quantization). Maps are smooth
+  (ClickMe maps are blurred with σ = 40 px at 256 px), so antialiasing them would change
+  nothing measurable while costing as much as the image's resize. Bilinear weights are
+  non-negative, so a non-negative map stays non-negative (clamped at 0 against rounding).
+Photometric transforms (colour jitter, optional normalization, v2) touch the image only.
 
 Normalization is **off by default**: Harmonia's models own their input normalization, and
 batches carry images in [0, 1] (the batch contract), so saliency is taken w.r.t. the [0, 1]
@@ -22,9 +23,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,9 +46,9 @@ class JointTransform:
             only, train only; ``None`` disables it.
         normalize: normalize the image with ``mean``/``std`` (off: models normalize themselves).
         mean, std: normalization statistics (ImageNet's by default).
-        antialias: antialiased resampling when shrinking (torchvision's default). The ClickMe
-            reference resizes without antialiasing; ``ClickMeRecords`` follows it exactly in
-            its evaluation path (see :mod:`harmonia.data.clickme`).
+        antialias: antialiased resampling of the image when shrinking (torchvision's
+            default). The ClickMe reference resizes without antialiasing; ``ClickMeRecords``
+            follows it in its evaluation path (see :mod:`harmonia.data.clickme`).
 
     Returns from ``__call__``: ``(image float (C,size,size) in [0,1] unless normalized,
     map float (1,size,size) >= 0)``.
@@ -67,21 +69,15 @@ class JointTransform:
     ) -> None:
         if size <= 0:
             raise ValueError(f"size must be positive; got {size}")
-        self.size, self.train = size, train
-        if train:
-            geometric: list[v2.Transform] = [
-                v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), antialias=antialias)
-            ]
-            if hflip > 0:
-                geometric.append(v2.RandomHorizontalFlip(hflip))
-        else:
-            geometric = [v2.Resize((size, size), antialias=antialias)]
-        self.geometric = v2.Compose(geometric)
+        self.size, self.train, self.hflip, self.antialias = size, train, hflip, antialias
+        self.crop = v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), antialias=antialias)
+        self.jitters = train and color_jitter is not None
+        self.normalization = v2.Normalize(list(mean), list(std)) if normalize else None
         photometric: list[v2.Transform] = [v2.ToDtype(torch.float32, scale=True)]
-        if train and color_jitter is not None:
+        if self.jitters:
             photometric.append(v2.ColorJitter(*color_jitter))
-        if normalize:
-            photometric.append(v2.Normalize(list(mean), list(std)))
+        if self.normalization is not None:
+            photometric.append(self.normalization)
         self.photometric = v2.Compose(photometric)
 
     @property
@@ -93,9 +89,20 @@ class JointTransform:
         """Transform one sample; ``image`` uint8 or float in [0,1], ``human_map`` float."""
         if image.shape[-2:] != human_map.shape[-2:]:
             raise ValueError(f"image {tuple(image.shape)} and map {tuple(human_map.shape)} differ in size")
-        image, human_map = self.geometric(tv_tensors.Image(image), tv_tensors.Image(human_map))
-        image = self.photometric(image).as_subclass(Tensor)
-        return image, human_map.as_subclass(Tensor).clamp_(min=0.0)
+        size = [self.size, self.size]
+        if self.train:
+            box = self.crop.make_params([image])  # one box for both
+            top, left, height, width = box["top"], box["left"], box["height"], box["width"]
+            image = TF.resized_crop(image, top, left, height, width, size, antialias=self.antialias)
+            human_map = human_map[:, top : top + height, left : left + width]
+        else:
+            image = TF.resize(image, size, antialias=self.antialias)
+        if tuple(human_map.shape[-2:]) != tuple(size):
+            human_map = F.interpolate(human_map[None], size=size, mode="bilinear", align_corners=False)[0]
+        if self.train and self.hflip > 0 and torch.rand(()) < self.hflip:  # one coin for both
+            image, human_map = image.flip(-1), human_map.flip(-1)
+        return self.photometric(image), human_map.clamp(min=0.0)
 
     def __repr__(self) -> str:
-        return f"JointTransform(geometric={self.geometric}, photometric={self.photometric})"
+        geometry = f"{self.crop}, hflip={self.hflip}" if self.train else f"Resize({self.size})"
+        return f"JointTransform({geometry}, antialias={self.antialias}, photometric={self.photometric})"

@@ -9,9 +9,11 @@ measures, in interleaved rounds on one thread (a DataLoader worker runs single-t
 - ``decode``: the floor, decoding the record's two JPEGs (image + heatmap) with
   torchvision.io, from bytes already in memory;
 - ``decode_image``: decoding the image JPEG alone (for reference);
-- ``train``: the full training pipeline, ``ClickMeRecords`` with the joint training transform
-  (random resized crop 224 + flip) plus collation into batches: file read, both CRCs, Example
-  parsing, decoding, checks, map blur, crop/resize of image and map, float conversion;
+- ``train``: the full training pipeline as ``ClickMeDataModule`` runs it in a worker,
+  ``ClickMeRecords`` with the joint training transform (random resized crop 224 + flip) plus
+  collation into batches: file read, both CRCs, Example parsing, decoding, checks, map blur,
+  crop/resize of image and map; images stay uint8 (made float on the device);
+- ``train_float``: the same with float images made in the worker (4× more bytes to collate);
 - ``eval``: the same with the reference evaluation preprocessing (resize 224, map 64→blur→224);
 - ``device_worker``: the worker's share with ``augment_on="device"`` (read, CRCs, parse,
   decode, checks, map 256→64, crop box and flip drawn, collation of uint8 batches);
@@ -81,8 +83,9 @@ def main() -> None:
             jpegs.append(tuple(torch.frombuffer(bytearray(features[k][0]), dtype=torch.uint8) for k in ("image", "heatmap")))
         mean_kb = path.stat().st_size / args.records / 1024
         pipelines = {
-            "train": ClickMeRecords(path, transform=JointTransform(224, train=True)),
-            "eval": ClickMeRecords(path, size=224),
+            "train": ClickMeRecords(path, transform=JointTransform(224, train=True, uint8_output=True)),
+            "train_float": ClickMeRecords(path, transform=JointTransform(224, train=True)),
+            "eval": ClickMeRecords(path, transform=JointTransform(224, uint8_output=True)),
             "device_worker": ClickMeRecords(path, transform=JointTransform(224, train=True), augment_on="device"),
         }
         device_batches: list = []
@@ -97,6 +100,7 @@ def main() -> None:
             "decode": lambda: [(decode_jpeg(a), decode_jpeg(b)) for a, b in jpegs],
             "decode_image": lambda: [decode_jpeg(a) for a, _ in jpegs],
             "train": lambda: run(pipelines["train"]),
+            "train_float": lambda: run(pipelines["train_float"]),
             "eval": lambda: run(pipelines["eval"]),
             "device_worker": lambda: run(pipelines["device_worker"]),
             "device_stage": lambda: [apply_device_geometry(b, 224) for b in device_batches],

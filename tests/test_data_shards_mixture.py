@@ -122,7 +122,10 @@ def test_datamodule_mixes_records_with_an_unmapped_folder(tmp_path: Path) -> Non
     batches = list(dm.train_dataloader())
     assert len(batches) == 3  # 24 unmapped / 8 per batch
     assert [int(b.has_map.sum()) for b in batches] == [2, 2, 2]
-    assert batches[0].image.shape == (10, 3, 16, 16)
+    assert batches[0].image.shape == (10, 3, 16, 16) and batches[0].image.dtype == torch.uint8  # workers: 8 bits
+    on_device = dm.on_after_batch_transfer(batches[0], 0)  # the contract: float in [0, 1]
+    assert on_device.image.dtype == torch.float32 and 0 <= on_device.image.min() and on_device.image.max() <= 1
+    torch.testing.assert_close(on_device.image, batches[0].image.float() / 255)
 
 
 def test_datamodule_reports_skipped_samples(tmp_path: Path) -> None:

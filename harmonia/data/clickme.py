@@ -52,7 +52,7 @@ from harmonia.data.heatmap import blur_heatmap, minmax
 from harmonia.data.example import decode_example, encode_example
 from harmonia.data.sample import Sample
 from harmonia.data.tfrecord import iter_records, read_record, record_offsets
-from harmonia.data.transforms import JointTransform
+from harmonia.data.transforms import JointTransform, to_float_image
 from harmonia.data.validate import check_label, check_map, expand_files
 
 MapNormalization = Literal["none", "minmax"]
@@ -306,13 +306,12 @@ def preprocess_clickme(
 ) -> tuple[Tensor, Tensor]:
     """Reference preprocessing (+ optional joint augmentation) of a decoded record.
 
-    Returns ``(image float (3,size,size) in [0,1], map float (1,size,size) >= 0)``.
+    Returns ``(image float (3,size,size) in [0,1] (uint8 if the transform asks for it),
+    map float (1,size,size) >= 0)``.
     """
     if transform is None or transform.resize_only:
         image = _reference_image(image, size)
-        image = image.float().div_(255.0) if image.dtype == torch.uint8 else image
-        if transform is not None:
-            image = transform.photometric(image)
+        image = to_float_image(image) if transform is None else transform.finish(image)
         human_map = blur_heatmap(heatmap, (size, size)).clamp_(min=0.0)
     else:
         human_map = blur_heatmap(heatmap, image.shape[-2:])

@@ -44,6 +44,7 @@ test-slow: $(VENV)/.installed-dev
 bench: $(VENV)/.installed
 	$(PY) benchmarks/step_cost.py --out benchmarks/results/step_cost.json
 	$(PY) benchmarks/decoy_digits.py --out benchmarks/results/decoy_digits.json
+	$(PY) benchmarks/data_throughput.py --out benchmarks/results/data_throughput.json
 
 clean:
 	rm -rf runs wandb lightning_logs .pytest_cache

@@ -267,14 +267,9 @@ class ClickMeRecords(Dataset):
         return record
 
     def __getitem__(self, i: int) -> Sample | DeviceSample | None:
-        try:
-            record = self.read(i)
-        except BadSampleError as err:
-            if not self.skip_bad_samples:
-                raise
-            self.skips.add_skipped(err)
+        record = self.skips.read_or_skip(lambda: self.read(i), self.skip_bad_samples)
+        if record is None:
             return None
-        self.skips.add_read()
         if self.augment_on == "device":
             return draw_geometry(record.image, record.heatmap, record.label, self.transform.crop, self.transform.hflip)
         image, human_map = preprocess_clickme(record.image, record.heatmap, self.size, self.transform,

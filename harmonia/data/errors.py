@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
+T = TypeVar("T")
 log = logging.getLogger("harmonia.data")
 MAX_LOGGED = 5  # per process: the reasons of the first few skips, not a flood
 
@@ -58,6 +61,19 @@ class SkipCounter:
     def add_read(self) -> None:
         """Count one sample read successfully."""
         self._counts[self._slot(), 1] += 1
+
+    def read_or_skip(self, read: Callable[[], T], skip: bool) -> T | None:
+        """``read()``, counted; its ``BadSampleError`` propagates, or with ``skip`` is counted
+        and logged and None returned (the caller leaves the sample out)."""
+        try:
+            value = read()
+        except BadSampleError as err:
+            if not skip:
+                raise
+            self.add_skipped(err)
+            return None
+        self.add_read()
+        return value
 
     @property
     def skipped(self) -> int:

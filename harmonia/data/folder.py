@@ -172,14 +172,10 @@ class FolderDataset(Dataset):
         return image, human_map, label
 
     def __getitem__(self, i: int) -> Sample | None:
-        try:
-            image, human_map, label = self.read(i)
-        except BadSampleError as err:
-            if not self.skip_bad_samples:
-                raise
-            self.skips.add_skipped(err)
+        decoded = self.skips.read_or_skip(lambda: self.read(i), self.skip_bad_samples)
+        if decoded is None:
             return None
-        self.skips.add_read()
+        image, human_map, label = decoded
         has_map = human_map is not None
         if human_map is None:
             human_map = torch.zeros((1, *image.shape[-2:]))

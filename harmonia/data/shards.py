@@ -264,14 +264,11 @@ class ShardDataset(IterableDataset):
                 yield None  # keeps quotas honest: the lost sample still counts
 
     def _decode(self, raw: dict[str, Any], where: str) -> Sample | None:
-        try:
-            image, human_map, label = decode_shard_sample(raw, where, self.num_classes)
-        except BadSampleError as err:
-            if not self.skip_bad_samples:
-                raise
-            self.skips.add_skipped(err)
+        decoded = self.skips.read_or_skip(lambda: decode_shard_sample(raw, where, self.num_classes),
+                                          self.skip_bad_samples)
+        if decoded is None:
             return None
-        self.skips.add_read()
+        image, human_map, label = decoded
         has_map = human_map is not None
         if self.augment_on == "device":
             if not has_map:

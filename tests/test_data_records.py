@@ -179,3 +179,18 @@ def test_bad_records_are_named_or_skipped(tmp_path: Path, case: str, message: st
     skipping = ClickMeRecords(path, num_classes=10, size=32, skip_bad_samples=True)
     assert skipping[0] is not None and skipping[1] is None and skipping[2] is not None
     assert skipping.skips.skipped == 1
+
+
+def test_record_files_by_folder_glob_or_list(tmp_path: Path) -> None:
+    from harmonia.data.validate import expand_files
+
+    for name in ("train-00000-of-00002", "train-00001-of-00002"):  # TF-style names, no suffix
+        records(tmp_path / "tf" / name, count=2, size=16)
+    ds = ClickMeRecords(str(tmp_path / "tf"), num_classes=10, size=16)  # writes .idx files beside them
+    assert len(ds) == 4 and len(list((tmp_path / "tf").glob("*.idx"))) == 2
+    assert len(ClickMeRecords(str(tmp_path / "tf" / "train-*"), num_classes=10, size=16)) == 4  # .idx ignored
+    records(tmp_path / "mixed" / "a.tfrecords", count=1, size=16)
+    (tmp_path / "mixed" / "README").write_text("not a record")
+    assert [p.name for p in expand_files(str(tmp_path / "mixed"), (".tfrecords",))] == ["a.tfrecords"]
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        expand_files(str(tmp_path / "nothing-*"), (".tfrecords",))

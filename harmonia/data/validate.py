@@ -48,24 +48,33 @@ def check_map(human_map: Tensor, image_hw: Sequence[int], where: str) -> Tensor:
 
 
 def expand_files(spec: str | Sequence[str], suffixes: Sequence[str]) -> list[Path]:
-    """Files named by ``spec``: a folder (its files with one of ``suffixes``), a glob, or a list.
+    """Files named by ``spec``: a folder, a glob, or a list of them.
 
-    The result is sorted (a stable order makes indices and shard assignments reproducible).
+    A folder contributes its files ending with one of ``suffixes`` or, when it has none, all
+    its files (TensorFlow shards are often named ``train-00000-of-00318``). Index caches
+    (``*.idx``) and hidden files (temporary files of an interrupted write) never count. The
+    result is sorted: a stable order keeps indices and shard assignments reproducible.
     """
     specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     files: list[Path] = []
     for item in specs:
         item = str(item)
         if os.path.isdir(item):
-            found = [p for p in Path(item).iterdir() if p.is_file() and any(p.name.endswith(s) for s in suffixes)]
+            found = [p for p in Path(item).iterdir() if p.is_file() and _is_data(p)]
+            matching = [p for p in found if any(p.name.endswith(s) for s in suffixes)]
+            found = matching or found
         elif any(c in item for c in "*?["):
-            found = [Path(p) for p in glob.glob(item)]
+            found = [p for p in map(Path, glob.glob(item)) if p.is_file() and _is_data(p)]
         else:
             found = [Path(item)]
         if not found:
-            raise FileNotFoundError(f"no files match {item!r} (expected {', '.join(suffixes)})")
+            raise FileNotFoundError(f"no files match {item!r} (expected {', '.join(suffixes)} files)")
         for path in found:
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: no such file")
         files.extend(sorted(found))
     return files
+
+
+def _is_data(path: Path) -> bool:
+    return not path.name.startswith(".") and not path.name.endswith(".idx")

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from data_files import raw_record, records
 from torchvision.io import decode_image, encode_jpeg
 

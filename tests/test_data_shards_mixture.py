@@ -128,6 +128,14 @@ def test_datamodule_mixes_records_with_an_unmapped_folder(tmp_path: Path) -> Non
     torch.testing.assert_close(on_device.image, batches[0].image.float() / 255)
 
 
+def test_datamodule_refuses_a_training_set_smaller_than_a_batch(tmp_path: Path) -> None:
+    path, _ = records(tmp_path / "r.tfrecords", count=3, size=16)
+    dm = ClickMeDataModule(train=str(path), num_classes=10, image_size=16, batch_size=4, num_workers=0)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match="3 samples, fewer than batch_size 4"):
+        dm.train_dataloader()
+
+
 def test_datamodule_reports_skipped_samples(tmp_path: Path) -> None:
     root = folder(tmp_path / "f", count=6, mapped=(0, 1, 2))
     (root / "maps" / "a" / "001.npy").unlink()

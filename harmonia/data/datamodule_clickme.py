@@ -210,6 +210,8 @@ class ClickMeDataModule(pl.LightningDataModule):
             return self._loader(mixture, sampler=sampler, batch_size=None, collate_fn=_identity)
         if isinstance(train, IterableDataset):
             return self._loader(train)
+        if len(train) < hp.batch_size:  # drop_last would silently train on nothing
+            raise ValueError(f"the training set has {len(train)} samples, fewer than batch_size {hp.batch_size}")
         return self._loader(train, batch_size=hp.batch_size, shuffle=True, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import BinaryIO, Literal, NamedTuple
 
 import numpy as np
@@ -51,7 +50,7 @@ from harmonia.data.errors import BadSampleError, SkipCounter
 from harmonia.data.heatmap import blur_heatmap, minmax
 from harmonia.data.example import decode_example, encode_example
 from harmonia.data.sample import Sample
-from harmonia.data.tfrecord import iter_records, read_record, record_offsets
+from harmonia.data.tfrecord import read_record, record_offsets
 from harmonia.data.transforms import JointTransform, to_float_image
 from harmonia.data.validate import check_label, check_map, expand_files
 
@@ -231,7 +230,7 @@ class ClickMeRecords(Dataset):
                 if not skip_bad_samples:
                     raise
                 self.skips.add_skipped(err)
-                found = _offsets_before_damage(path)
+                found = err.partial_offsets  # the records before the damaged frame
             offsets.append(found)
             owners.append(np.full(len(found), number, dtype=np.int32))
         self.offsets = np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
@@ -314,15 +313,3 @@ def preprocess_clickme(
     if map_normalization == "minmax":
         human_map = minmax(human_map)
     return image, human_map
-
-
-def _offsets_before_damage(path: Path) -> np.ndarray:
-    """Offsets of the records before the first damaged one (used when skipping bad files)."""
-    offsets, position = [], 0
-    try:
-        for _, data in iter_records(path, verify=True):
-            offsets.append(position)
-            position += 16 + len(data)
-    except BadSampleError:
-        pass
-    return np.asarray(offsets, dtype=np.int64)

@@ -97,21 +97,26 @@ def scan_offsets(path: str | Path) -> np.ndarray:
     """Byte offsets of every record in ``path``, by one pass over the headers.
 
     Checks each length's CRC and that the data fits in the file (a truncated last record is an
-    error); the data CRCs are checked later, when a record is read.
+    error); the data CRCs are checked later, when a record is read. The error raised at a
+    damaged frame carries ``partial_offsets``: the records before it, which are still good.
     """
     size = os.path.getsize(path)
     offsets: list[int] = []
-    with open(path, "rb", buffering=1 << 16) as f:
-        offset = 0
-        while (length := _read_header(f, path, len(offsets), verify=True)) is not None:
-            end = offset + _HEADER.size + length + _FOOTER.size
-            if end > size:
-                raise BadSampleError(
-                    _where(path, len(offsets)), f"truncated file: record ends at byte {end}, file has {size}"
-                )
-            offsets.append(offset)
-            offset = end
-            f.seek(offset)
+    try:
+        with open(path, "rb", buffering=1 << 16) as f:
+            offset = 0
+            while (length := _read_header(f, path, len(offsets), verify=True)) is not None:
+                end = offset + _HEADER.size + length + _FOOTER.size
+                if end > size:
+                    raise BadSampleError(
+                        _where(path, len(offsets)), f"truncated file: record ends at byte {end}, file has {size}"
+                    )
+                offsets.append(offset)
+                offset = end
+                f.seek(offset)
+    except BadSampleError as err:
+        err.partial_offsets = np.asarray(offsets, dtype=np.int64)
+        raise
     return np.asarray(offsets, dtype=np.int64)
 
 

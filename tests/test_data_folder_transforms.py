@@ -110,14 +110,14 @@ def test_device_geometry_matches_the_worker_path() -> None:
     """augment_on='device': the same box and flip give the worker path's map and image."""
     from torchvision.transforms.v2 import functional as TF
 
-    from harmonia.data.device_geometry import DeviceSample, apply_device_geometry, crop_resize_flip
+    from harmonia.data.device_geometry import DeviceBatch, apply_device_geometry, crop_resize_flip
     from harmonia.data.heatmap import blur_heatmap, low_res_heatmap
 
     gen = torch.Generator().manual_seed(0)
     image = (torch.rand(3, 128, 128, generator=gen) * 255).to(torch.uint8)
     heat = torch.rand(1, 128, 128, generator=gen)
     top, left, height, width = 20, 30, 70, 90
-    batch = DeviceSample(image.permute(1, 2, 0)[None], low_res_heatmap(heat)[None], torch.tensor([True]),
+    batch = DeviceBatch(image.permute(1, 2, 0)[None], low_res_heatmap(heat)[None], torch.tensor([True]),
                          torch.tensor([1]), torch.tensor([[left, top, left + width, top + height]], dtype=torch.float32),
                          torch.tensor([False]))
     out = apply_device_geometry(batch, 64)

@@ -13,7 +13,7 @@ from torchvision.io import decode_image, encode_jpeg
 
 from harmonia.data import BadSampleError, ClickMeRecords
 from harmonia.data.clickme import encode_clickme, preprocess_clickme
-from harmonia.data.heatmap import blur_heatmap
+from harmonia.data.heatmap import blur_heatmap, low_res_heatmap
 from harmonia.data.example import decode_example, encode_example
 from harmonia.data.tfrecord import TFRecordWriter, iter_records, masked_crc32c, record_offsets
 
@@ -108,11 +108,11 @@ def test_reference_preprocessing(tmp_path: Path) -> None:
     ours = blur_heatmap(torch.from_numpy(heat)[None], (224, 224))[0].double().numpy()
     np.testing.assert_allclose(ours, _reference_map(heat.astype(np.float64), 224), rtol=0, atol=1e-6)
     image = torch.from_numpy(rng.integers(0, 256, (3, 256, 256), dtype=np.uint8))
-    out, human_map = preprocess_clickme(image, torch.from_numpy(heat)[None], 224)
+    out, human_map = preprocess_clickme(image, low_res_heatmap(torch.from_numpy(heat)[None]), 224)
     reference = np.stack([_tf_resize_matrix(256, 224) @ c @ _tf_resize_matrix(256, 224).T for c in image.double().numpy()])
     assert np.abs(out.double().numpy() - reference / 255).max() <= 1 / 255 + 1e-6  # uint8 fixed point only
     assert human_map.min() >= 0
-    _, scaled = preprocess_clickme(image, torch.from_numpy(heat)[None], 224, map_normalization="minmax")
+    _, scaled = preprocess_clickme(image, low_res_heatmap(torch.from_numpy(heat)[None]), 224, map_normalization="minmax")
     assert scaled.min() == 0 and scaled.max() == 1
 
 

@@ -178,7 +178,7 @@ def test_device_mode_from_records_and_shards(tmp_path: Path) -> None:
                                augment_on="device", map_normalization="minmax")
         dm.setup("fit")
         raw = next(iter(dm.train_dataloader()))
-        assert type(raw).__name__ == "DeviceSample" and raw.image.shape == (3, 48, 48, 3)
+        assert type(raw).__name__ == "DeviceBatch" and raw.image.shape == (3, 48, 48, 3)
         batch = dm.on_after_batch_transfer(raw, 0)
         assert batch.image.shape == (3, 3, 32, 32) and batch.human_map.shape == (3, 1, 32, 32)
         assert torch.allclose(batch.human_map.amax(dim=(1, 2, 3)), torch.ones(3))

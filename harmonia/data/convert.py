@@ -27,7 +27,7 @@ from harmonia.data.example import decode_example
 from harmonia.data.folder import FolderDataset
 from harmonia.data.shards import ShardWriter
 from harmonia.data.tfrecord import iter_records
-from harmonia.data.validate import check_label, check_map, expand_files
+from harmonia.data.validate import check_label, expand_files
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -79,9 +79,8 @@ def clickme_samples(files: Sequence[Path], num_classes: int, skip: bool, skipped
                 break
             where = f"{path}, record {index}"
             try:
-                record = decode_clickme(data, where)
+                record = decode_clickme(data, where)  # checks the map too
                 check_label(record.label, num_classes, where)
-                check_map(record.heatmap, record.image.shape[-2:], where)
             except BadSampleError as err:
                 if not skip:
                     raise

@@ -9,6 +9,12 @@ Workers hand over ``uint8`` images (4× less to collate and to copy between proc
 ``on_after_batch_transfer`` makes them float in [0, 1] on the device, so the module sees the
 batch contract. (With ``normalize: true`` the workers normalize and hand over floats.)
 
+Where the training augmentation runs (``augment_on``): ``"auto"`` (default) picks ``"device"``
+when the trainer runs on an accelerator (GPU) and the training source allows it (ClickMe
+records or ClickMe shards, no colour jitter, no mixture), else ``"worker"``; the choice is
+logged. On a GPU, ``"device"`` leaves workers little beyond decoding (benchmarks/README.md);
+on the CPU the same work would run in the training process instead of in parallel workers.
+
 ``unmapped_train`` adds a second, map-less training source (e.g. ImageNet as a folder) mixed
 in at ``1 - mapped_fraction`` of every batch (:mod:`harmonia.data.mixture`; the lab's
 pre-release runs used 20% ClickMe / 80% ImageNet). Mixtures need random access, so both
@@ -28,15 +34,15 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from harmonia.data.clickme import ClickMeRecords, MapNormalization
 from harmonia.data.collate import collate_samples
-from harmonia.data.device_geometry import DeviceSample, apply_device_geometry
+from harmonia.data.device_geometry import DeviceBatch, DeviceCollate, apply_device_geometry
 from harmonia.data.folder import FolderDataset
 from harmonia.data.mixture import MixtureDataset, MixtureSampler
-from harmonia.data.shards import MANIFEST, ShardDataset
+from harmonia.data.shards import MANIFEST, ShardDataset, read_manifest
 from harmonia.data.sample import Sample
 from harmonia.data.transforms import JointTransform, to_float_image
 
@@ -92,7 +98,11 @@ class ClickMeDataModule(pl.LightningDataModule):
         augment_on: ``"worker"``: training transforms run in the DataLoader workers;
             ``"device"``: ClickMe records/shards only, workers decode and the crop, flip and map
             blur run batched on the training device (``on_after_batch_transfer``), which
-            frees the workers' CPU (benchmarks/README.md); no colour jitter, no mixtures.
+            frees the workers' CPU (benchmarks/README.md); no colour jitter, no mixtures;
+            ``"auto"``: ``"device"`` on an accelerator when the source allows it, else ``"worker"``.
+        train_map_decode: the training maps' 64-px map from JPEG: ``"scaled"`` (DCT-domain
+            decoding at 1/4 scale, ~4× cheaper; < 1% of the peak from the reference after the
+            blur) or ``"exact"``; validation and test always use ``"exact"`` (the reference).
         batch_size: per-process batch size.
         num_workers: DataLoader workers per process.
         seed: order of mixtures and shards (the same on every rank).
@@ -118,7 +128,8 @@ class ClickMeDataModule(pl.LightningDataModule):
         normalize: bool = False,
         map_normalization: MapNormalization = "none",
         augment: bool = True,
-        augment_on: Literal["worker", "device"] = "worker",
+        augment_on: Literal["auto", "worker", "device"] = "auto",
+        train_map_decode: Literal["scaled", "exact"] = "scaled",
         batch_size: int = 64,
         num_workers: int = 4,
         seed: int = 0,
@@ -132,8 +143,10 @@ class ClickMeDataModule(pl.LightningDataModule):
             raise ValueError("ClickMeDataModule needs at least one of train, val, test")
         if unmapped_train is not None and train is None:
             raise ValueError("unmapped_train is mixed into train: give train too")
-        if augment_on not in ("worker", "device"):
-            raise ValueError(f"augment_on must be 'worker' or 'device'; got {augment_on!r}")
+        if augment_on not in ("auto", "worker", "device"):
+            raise ValueError(f"augment_on must be 'auto', 'worker' or 'device'; got {augment_on!r}")
+        if train_map_decode not in ("scaled", "exact"):
+            raise ValueError(f"train_map_decode must be 'scaled' or 'exact'; got {train_map_decode!r}")
         if augment_on == "device" and (unmapped_train is not None or color_jitter is not None or not augment):
             raise ValueError("augment_on='device' works with augment=True, without color_jitter and mixtures")
         self.save_hyperparameters()
@@ -147,23 +160,40 @@ class ClickMeDataModule(pl.LightningDataModule):
         return JointTransform(hp.image_size, train=train and hp.augment, scale=hp.crop_scale, hflip=hp.hflip,
                               color_jitter=hp.color_jitter, normalize=hp.normalize, uint8_output=True)
 
+    def resolved_augment_on(self) -> Literal["worker", "device"]:
+        """Where the training augmentation runs: ``augment_on``, with ``"auto"`` resolved."""
+        hp = self.hparams
+        if hp.augment_on != "auto":
+            return hp.augment_on
+        trainer = self.trainer
+        on_accelerator = trainer is not None and trainer.strategy.root_device.type != "cpu"
+        possible = (hp.train is not None and hp.augment and hp.color_jitter is None and hp.unmapped_train is None
+                    and (source_kind(hp.train) == "records" or (source_kind(hp.train) == "shards" and
+                         read_manifest(hp.train).get("map_preprocessing") == "clickme")))
+        return "device" if on_accelerator and possible else "worker"
+
     def _open(self, source: Source, train: bool) -> Dataset:
         hp = self.hparams
         kind = source_kind(source)
         transform = self.transform(train)
-        augment_on = hp.augment_on if train else "worker"
+        augment_on = self.resolved_augment_on() if train else "worker"
+        map_decode = hp.train_map_decode if train else "exact"
+        if train:
+            rank_zero_info(f"ClickMeDataModule: training augmentation on the {augment_on} "
+                           f"(augment_on={hp.augment_on!r}), training maps decoded {map_decode!r}")
         if kind == "folder" and augment_on == "device":
             raise ValueError(f"{source}: augment_on='device' needs ClickMe records or ClickMe shards, not a folder")
         if kind == "shards":
             return ShardDataset(source, hp.num_classes, hp.image_size, transform, hp.map_normalization,
                                 shuffle=train, shuffle_buffer=hp.shuffle_buffer, seed=hp.seed,
                                 skip_bad_samples=hp.skip_bad_samples, num_workers=hp.num_workers,
-                                rank=self._rank()[0], world_size=self._rank()[1], augment_on=augment_on)
+                                rank=self._rank()[0], world_size=self._rank()[1], augment_on=augment_on,
+                                map_decode=map_decode)
         if kind == "folder":
             return FolderDataset(source, num_classes=hp.num_classes, size=hp.image_size, transform=transform,
                                  skip_bad_samples=hp.skip_bad_samples)
         return ClickMeRecords(source, hp.num_classes, hp.image_size, transform, hp.map_normalization,
-                              hp.skip_bad_samples, hp.index_dir, augment_on=augment_on)
+                              hp.skip_bad_samples, hp.index_dir, augment_on=augment_on, map_decode=map_decode)
 
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -190,6 +220,8 @@ class ClickMeDataModule(pl.LightningDataModule):
         common = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory}
         if isinstance(dataset, IterableDataset):
             kwargs = {"batch_size": hp.batch_size}
+        if getattr(dataset, "augment_on", "worker") == "device":  # boxes and flips drawn per batch
+            kwargs["collate_fn"] = DeviceCollate(dataset.transform.crop, dataset.transform.hflip)
         return EpochLoader(dataset, collate_fn=kwargs.pop("collate_fn", collate_samples),
                            on_epoch=lambda: self._start_epoch(dataset), **common, **kwargs)
 
@@ -229,7 +261,7 @@ class ClickMeDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """On the training device: uint8 images → float in [0, 1] (the batch contract), and
         with ``augment_on="device"`` the crop, flip and map blur."""
-        if isinstance(batch, DeviceSample):
+        if isinstance(batch, DeviceBatch):
             hp = self.hparams
             return apply_device_geometry(batch, hp.image_size, self.transform(True).normalization,
                                          hp.map_normalization)

@@ -39,9 +39,9 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
-from harmonia.data.clickme import MapNormalization, preprocess_clickme
-from harmonia.data.heatmap import minmax
-from harmonia.data.device_geometry import draw_geometry
+from harmonia.data.clickme import MapDecode, MapNormalization, preprocess_clickme
+from harmonia.data.heatmap import dct_scaled_map, minmax, unit_map
+from harmonia.data.device_geometry import decoded_sample
 from harmonia.data.errors import BadSampleError, SkipCounter
 from harmonia.data.sample import Sample
 from harmonia.data.transforms import JointTransform
@@ -168,8 +168,11 @@ class ShardDataset(IterableDataset):
             ``RANK``/``WORLD_SIZE`` variables, else 0/1).
         num_workers: the DataLoader's worker count (``__len__`` needs it to compute the quotas;
             iteration uses the real one).
-        augment_on: ``"device"`` yields ``DeviceSample``s (ClickMe shards, training transform;
-            see :mod:`harmonia.data.device_geometry`); ``"worker"`` transforms here.
+        augment_on: ``"device"`` yields ``DecodedSample``\ s (ClickMe shards, training transform;
+            batch them with ``DeviceCollate``, see :mod:`harmonia.data.device_geometry`);
+            ``"worker"`` transforms here.
+        map_decode: ClickMe shards: ``"exact"`` or ``"scaled"`` 64-px maps, as in
+            :class:`~harmonia.data.clickme.ClickMeRecords`.
     """
 
     def __init__(
@@ -187,8 +190,11 @@ class ShardDataset(IterableDataset):
         world_size: int | None = None,
         num_workers: int = 0,
         augment_on: Literal["worker", "device"] = "worker",
+        map_decode: Literal["exact", "scaled"] = "exact",
     ) -> None:
         super().__init__()
+        if map_decode not in ("exact", "scaled"):
+            raise ValueError(f"map_decode must be 'exact' or 'scaled'; got {map_decode!r}")
         self.folder = Path(folder)
         manifest = read_manifest(folder)
         if augment_on == "device" and (manifest.get("map_preprocessing") != "clickme" or transform is None
@@ -199,6 +205,7 @@ class ShardDataset(IterableDataset):
         self.names = [s["name"] for s in manifest["shards"]]
         self.counts = [int(s["count"]) for s in manifest["shards"]]
         self.map_preprocessing = manifest.get("map_preprocessing", "none")
+        self.map_decode: MapDecode = map_decode if self.map_preprocessing == "clickme" else "full"
         self.num_classes, self.size, self.transform = num_classes, size, transform
         self.map_normalization = map_normalization
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
@@ -264,7 +271,7 @@ class ShardDataset(IterableDataset):
                 yield None  # keeps quotas honest: the lost sample still counts
 
     def _decode(self, raw: dict[str, Any], where: str) -> Sample | None:
-        decoded = self.skips.read_or_skip(lambda: decode_shard_sample(raw, where, self.num_classes),
+        decoded = self.skips.read_or_skip(lambda: decode_shard_sample(raw, where, self.num_classes, self.map_decode),
                                           self.skip_bad_samples)
         if decoded is None:
             return None
@@ -273,7 +280,7 @@ class ShardDataset(IterableDataset):
         if self.augment_on == "device":
             if not has_map:
                 raise BadSampleError(where, "no map member: ClickMe shards need one per sample with augment_on='device'")
-            return draw_geometry(image, human_map, label, self.transform.crop, self.transform.hflip)
+            return decoded_sample(image, human_map, label)
         if self.map_preprocessing == "clickme" and has_map:
             image, human_map = preprocess_clickme(image, human_map, self.size, self.transform, self.map_normalization)
         else:
@@ -294,8 +301,12 @@ def _load_npy(data: bytes, where: str, what: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
-def decode_shard_sample(raw: dict[str, Any], where: str, num_classes: int | None) -> tuple:
-    """``(image uint8/float (3,H,W), map float (1,H,W) or None, label)`` of one tar sample."""
+def decode_shard_sample(raw: dict[str, Any], where: str, num_classes: int | None, map_decode: MapDecode = "full") -> tuple:
+    """``(image uint8/float (3,H,W), map float or None, label)`` of one tar sample.
+
+    The map is ``(1,H,W)``, or its 64-px map ``(1,64,64)`` when ``map_decode`` is ``"exact"``
+    or ``"scaled"`` (see :mod:`harmonia.data.clickme`).
+    """
     image_key = next((k for k in IMAGE_KEYS if k in raw), None)
     if image_key is None:
         raise BadSampleError(where, f"no image member (one of {IMAGE_KEYS}); members: {sorted(k for k in raw if not k.startswith('__'))}")
@@ -314,18 +325,21 @@ def decode_shard_sample(raw: dict[str, Any], where: str, num_classes: int | None
         raise BadSampleError(where, f"label {raw['cls'][:20]!r} is not an integer") from None
     check_label(label, num_classes, where)
     map_key = next((k for k in MAP_KEYS if k in raw), None)
-    human_map = None
+    if map_key is None:
+        return image, None, label
+    if map_key == "map.jpg" and map_decode == "scaled":
+        low = dct_scaled_map(raw[map_key], where, image.shape[-2:])
+        if low is not None:
+            return image, low, label
     if map_key == "map.npy":
         human_map = _load_npy(raw[map_key], where, "map")
-    elif map_key is not None:
+    else:
         try:
-            coded = decode_image(torch.frombuffer(bytearray(raw[map_key]), dtype=torch.uint8), mode=ImageReadMode.GRAY)
-            human_map = coded.float() / (65535.0 if coded.dtype == torch.uint16 else 255.0)
+            human_map = decode_image(torch.frombuffer(bytearray(raw[map_key]), dtype=torch.uint8), mode=ImageReadMode.GRAY)
         except RuntimeError as err:
             raise BadSampleError(where, f"cannot decode map ({map_key}): {err}") from None
-    if human_map is not None:
-        human_map = check_map(human_map, image.shape[-2:], where)
-    return image, human_map, label
+    human_map = check_map(human_map, image.shape[-2:], where)
+    return image, unit_map(human_map, low_res=map_decode != "full"), label
 
 
 def _buffer_shuffle(stream: Iterable, size: int, rng: np.random.Generator) -> Iterator:

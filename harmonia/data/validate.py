@@ -27,18 +27,26 @@ def check_label(label: int, num_classes: int | None, where: str) -> int:
     return int(label)
 
 
+def check_map_size(map_hw: Sequence[int], image_hw: Sequence[int], where: str) -> None:
+    """A human map must have its image's height and width."""
+    if tuple(map_hw) != tuple(image_hw):
+        raise BadSampleError(where, f"human map is {tuple(map_hw)} but the image is {tuple(image_hw)} (H, W)")
+
+
 def check_map(human_map: Tensor, image_hw: Sequence[int], where: str) -> Tensor:
-    """A human map ``(1,H,W)`` float, of the image's size, finite and >= 0."""
+    """A human map ``(1,H,W)`` of the image's size, finite and >= 0.
+
+    Integer maps (decoded 8/16-bit JPEG/PNG) cannot be NaN or negative: only their shape is
+    checked, and they are returned as they are (the caller scales them). Float maps (raw
+    arrays, ``.npy``) get the full check.
+    """
     if human_map.dim() == 2:
         human_map = human_map[None]
     if human_map.dim() != 3 or human_map.shape[0] != 1:
         raise BadSampleError(where, f"human map must be (H,W) or (1,H,W); got shape {tuple(human_map.shape)}")
-    if tuple(human_map.shape[-2:]) != tuple(image_hw):
-        raise BadSampleError(
-            where, f"human map is {tuple(human_map.shape[-2:])} but the image is {tuple(image_hw)} (H, W)"
-        )
+    check_map_size(human_map.shape[-2:], image_hw, where)
     if not human_map.is_floating_point():
-        human_map = human_map.float()
+        return human_map
     low, high = (float(v) for v in human_map.aminmax())  # NaN propagates: two cheap reductions
     if not (math.isfinite(low) and math.isfinite(high)):
         raise BadSampleError(where, f"human map has {int((~torch.isfinite(human_map)).sum())} NaN/inf value(s)")

@@ -105,6 +105,8 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--size", type=int, default=224,
+                        help="side of the records' images and heatmaps (224: the issue's definition; 256: ClickMe's)")
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
                         help="wall: perf_counter (reported numbers, run under cpu-exclusive); thread: CPU time of "
                              "this thread (comparisons on a busy machine; no `loader` row)")
@@ -114,7 +116,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_synthetic_clickme(Path(tmp) / "bench.tfrecords", args.records, size=256, num_classes=1000)
+        path = write_synthetic_clickme(Path(tmp) / "bench.tfrecords", args.records, size=args.size, num_classes=1000)
         jpegs = []
         for _, data in iter_records(path):
             features = decode_example(data)
@@ -175,12 +177,12 @@ def main() -> None:
         "device_stage_ms_per_image_cuda": cuda.get("device_stage_cuda"),
         "h2d_ms_per_image_cuda": cuda.get("h2d_cuda"),
         "ms_per_image": {k: 1e3 * v for k, v in median.items()},
-        "records": args.records, "rounds": args.rounds, "batch": args.batch, "record_kb": mean_kb,
+        "records": args.records, "size": args.size, "rounds": args.rounds, "batch": args.batch, "record_kb": mean_kb,
         "threads": 1, "clock": args.clock, "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
-    print(f"{args.records} records of {mean_kb:.1f} KB (256×256 JPEG image + heatmap), 1 thread, "
+    print(f"{args.records} records of {mean_kb:.1f} KB ({args.size}×{args.size} JPEG image + heatmap), 1 thread, "
           f"{args.rounds} interleaved rounds, medians ({args.clock} clock), batches of {args.batch}")
     print("| variant | what | ms / image | images / s | floor / variant |")
     print("|---|---|---|---|---|")

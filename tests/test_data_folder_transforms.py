@@ -140,3 +140,35 @@ def test_device_geometry_matches_the_worker_path() -> None:
         peak_image = divmod(int(out[0, :3].sum(0).flatten().argmax()), 64)
         assert abs(peak_map[0] - peak_image[0]) <= 1 and abs(peak_map[1] - peak_image[1]) <= 1
         assert (peak_map[1] > 32) == (seed % 2 == 1)  # x - 30 → 30/80 of the width; flipped: right half
+
+
+def test_batched_crop_boxes_follow_random_resized_crop() -> None:
+    """draw_boxes (augment_on='device') draws the boxes of v2.RandomResizedCrop.make_params."""
+    from torchvision.transforms import v2
+
+    from harmonia.data.device_geometry import draw_boxes
+
+    crop = v2.RandomResizedCrop(224, scale=(0.08, 1.0))
+    torch.manual_seed(0)
+    n, height, width = 3000, 256, 192
+    params = [crop.make_params([torch.empty(3, height, width)]) for _ in range(n)]
+    reference = torch.tensor([[p["left"], p["top"], p["left"] + p["width"], p["top"] + p["height"]] for p in params],
+                             dtype=torch.float32)
+    ours = draw_boxes(n, height, width, crop.scale, crop.ratio, np.random.default_rng(0))
+    assert ours.shape == (n, 4) and torch.equal(ours, ours.round())
+    assert (ours[:, :2] >= 0).all() and (ours[:, 2] <= width).all() and (ours[:, 3] <= height).all()
+    assert ((ours[:, 2:] - ours[:, :2]) > 0).all()
+
+    def features(boxes: torch.Tensor) -> torch.Tensor:  # width, height, centre x, centre y
+        return torch.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1],
+                            (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], dim=1)
+
+    q = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
+    # quantiles of 3000 draws agree within a few pixels (≈ 3 standard errors)
+    torch.testing.assert_close(features(ours).quantile(q, dim=0), features(reference).quantile(q, dim=0),
+                               rtol=0, atol=6.0)
+    # no try fits a 10×200 image at scale ≥ 0.9: torchvision's central fallback, the same box
+    wide = v2.RandomResizedCrop(8, scale=(0.9, 1.0))
+    p = wide.make_params([torch.empty(3, 10, 200)])
+    expected = torch.tensor([[p["left"], p["top"], p["left"] + p["width"], p["top"] + p["height"]]], dtype=torch.float32)
+    torch.testing.assert_close(draw_boxes(1, 10, 200, wide.scale, wide.ratio, np.random.default_rng(1)), expected)

@@ -12,8 +12,9 @@ from data_files import raw_record, records
 from torchvision.io import decode_image, encode_jpeg
 
 from harmonia.data import BadSampleError, ClickMeRecords
-from harmonia.data.clickme import encode_clickme, preprocess_clickme
-from harmonia.data.heatmap import blur_heatmap, low_res_heatmap
+from harmonia.data.clickme import decode_clickme, encode_clickme, preprocess_clickme
+from harmonia.data.heatmap import blur_heatmap, blur_low_map, low_res_heatmap
+from harmonia.data.synthetic import synthetic_image
 from harmonia.data.example import decode_example, encode_example
 from harmonia.data.tfrecord import TFRecordWriter, iter_records, masked_crc32c, record_offsets
 
@@ -116,6 +117,38 @@ def test_reference_preprocessing(tmp_path: Path) -> None:
     assert scaled.min() == 0 and scaled.max() == 1
 
 
+def test_low_res_map_by_strided_picks_is_the_bilinear_resize() -> None:
+    """Maps whose sides are multiples of 64 take strided picks: the values of F.interpolate."""
+    gen = torch.Generator().manual_seed(0)
+    for height, width in ((256, 256), (192, 320), (64, 128), (100, 90)):
+        heat = (torch.rand(1, height, width, generator=gen) * 255).to(torch.uint8)
+        reference = torch.nn.functional.interpolate(heat[None].float(), size=(64, 64), mode="bilinear",
+                                                    align_corners=False)[0]
+        torch.testing.assert_close(low_res_heatmap(heat), reference, rtol=0, atol=1e-4)
+
+
+def test_scaled_map_decode_stays_within_one_percent_of_the_reference() -> None:
+    """map_decode='scaled' (DCT-domain 1/4 decode of a 256-px JPEG map): after the blur, within 1%
+    of the peak of the exact path; other sizes fall back to the exact path."""
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for _ in range(4):
+        image, heat = synthetic_image(rng, 256)
+        data = encode_clickme(image, heat, 3)
+        exact = decode_clickme(data, "r", map_decode="exact").heatmap
+        scaled = decode_clickme(data, "r", map_decode="scaled").heatmap
+        assert exact.shape == scaled.shape == (1, 64, 64) and not torch.equal(exact, scaled)
+        reference, ours = blur_low_map(exact, (224, 224)), blur_low_map(scaled, (224, 224))
+        worst = max(worst, float((ours - reference).abs().max() / reference.max()))
+    assert worst < 0.01
+    image, heat = synthetic_image(rng, 96)  # not 128/256/512 px: the exact path
+    data = encode_clickme(image, heat, 3)
+    assert torch.equal(decode_clickme(data, "r", map_decode="scaled").heatmap,
+                       decode_clickme(data, "r", map_decode="exact").heatmap)
+    full = decode_clickme(data, "r").heatmap
+    assert full.shape == (1, 96, 96) and full.dtype == torch.float32 and full.max() <= 1
+
+
 def _frame(data: bytes) -> bytes:
     header = struct.pack("<Q", len(data))
     return header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
@@ -153,6 +186,7 @@ def test_truncated_file_is_named_or_skipped(tmp_path: Path) -> None:
     ("nan_map", "NaN/inf"),
     ("negative_map", "negative values"),
     ("bad_jpeg", "cannot decode 'image'"),
+    ("bad_map_jpeg", "cannot decode 'heatmap'"),
     ("label", r"label 10 out of range \[0, 10\)"),
     ("not_example", "not a tf.train.Example"),
 ])
@@ -167,17 +201,20 @@ def test_bad_records_are_named_or_skipped(tmp_path: Path, case: str, message: st
         "negative_map": lambda: raw_record(image, heat - 0.5, 1),
         "bad_jpeg": lambda: encode_example({"image": b"\xff\xd8\xff" + b"garbage" * 20, "label": 1,
                                             "heatmap": bytes(encode_jpeg((heat * 255).to(torch.uint8)))}),
+        "bad_map_jpeg": lambda: encode_example({"image": bytes(encode_jpeg(image)), "label": 1,
+                                                "heatmap": b"\xff\xd8\xff" + b"garbage" * 20}),
         "label": lambda: encode_clickme(image, (heat * 255).to(torch.uint8), 10),
         "not_example": lambda: b"\xff" * 50,
     }[case]()
     path = tmp_path / "b.tfrecords"
     path.write_bytes(_frame(good) + _frame(bad) + _frame(good))
-    ds = ClickMeRecords(path, num_classes=10, size=32)
-    with pytest.raises(BadSampleError, match=rf"b\.tfrecords, record 1: .*{message}"):
-        ds[1]
-    skipping = ClickMeRecords(path, num_classes=10, size=32, skip_bad_samples=True)
-    assert skipping[0] is not None and skipping[1] is None and skipping[2] is not None
-    assert skipping.skips.skipped == 1
+    for map_decode in ("exact", "scaled"):  # the DCT-scaled map decode names the same errors
+        ds = ClickMeRecords(path, num_classes=10, size=32, map_decode=map_decode)
+        with pytest.raises(BadSampleError, match=rf"b\.tfrecords, record 1: .*{message}"):
+            ds[1]
+        skipping = ClickMeRecords(path, num_classes=10, size=32, skip_bad_samples=True, map_decode=map_decode)
+        assert skipping[0] is not None and skipping[1] is None and skipping[2] is not None
+        assert skipping.skips.skipped == 1
 
 
 def test_record_files_by_folder_glob_or_list(tmp_path: Path) -> None:

@@ -140,7 +140,7 @@ def test_datamodule_reports_skipped_samples(tmp_path: Path) -> None:
     root = folder(tmp_path / "f", count=6, mapped=(0, 1, 2))
     (root / "maps" / "a" / "001.npy").unlink()
     dm = ClickMeDataModule(train=str(root), val=str(root), num_classes=3, image_size=16, batch_size=3,
-                           num_workers=0, skip_bad_samples=True)
+                           num_workers=1, skip_bad_samples=True)  # counted in a worker process
     dm.setup("fit")
     sizes = [len(b.label) for b in dm.val_dataloader()]
     assert sorted(sizes) == [2, 3] and dm.skipped == 1
@@ -184,3 +184,24 @@ def test_device_mode_from_records_and_shards(tmp_path: Path) -> None:
         assert torch.allclose(batch.human_map.amax(dim=(1, 2, 3)), torch.ones(3))
     with pytest.raises(ValueError, match="augment_on='device'"):
         ClickMeDataModule(train=str(path), augment_on="device", color_jitter=[0.1, 0.1, 0.1, 0.0])
+
+
+def test_augment_on_auto_uses_the_device_only_on_an_accelerator(tmp_path: Path) -> None:
+    path, _ = records(tmp_path / "r.tfrecords", count=6, size=48)
+    convert(str(path), str(tmp_path / "s"), max_count=4)
+    root = folder(tmp_path / "f")
+    on = {kind: SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(kind))) for kind in ("cpu", "cuda")}
+
+    def resolved(trainer: object, **kwargs: object) -> str:
+        dm = ClickMeDataModule(**{"train": str(path), "num_classes": 10, "image_size": 32, **kwargs})
+        dm.trainer = trainer
+        return dm.resolved_augment_on()
+
+    assert resolved(on["cuda"]) == "device" and resolved(on["cuda"], train=str(tmp_path / "s")) == "device"
+    assert resolved(on["cpu"]) == "worker" and resolved(None) == "worker"
+    assert resolved(on["cuda"], augment_on="worker") == "worker"
+    for kwargs in ({"train": str(root)}, {"color_jitter": [0.1, 0.1, 0.1, 0.0]}, {"unmapped_train": str(root)},
+                   {"augment": False}):
+        assert resolved(on["cuda"], **kwargs) == "worker", kwargs
+    with pytest.raises(ValueError, match="train_map_decode"):
+        ClickMeDataModule(train=str(path), train_map_decode="fast")

@@ -53,14 +53,16 @@ class SkipCounter:
 
     def add_skipped(self, error: BadSampleError) -> None:
         """Count one skipped sample; log the reason of the first few in this process."""
-        self._counts[self._slot(), 0] += 1
+        self._counts.numpy()[self._slot(), 0] += 1
         if self._logged < MAX_LOGGED:
             self._logged += 1
             log.warning("skipping bad sample: %s", error)
 
     def add_read(self) -> None:
         """Count one sample read successfully."""
-        self._counts[self._slot(), 1] += 1
+        # through a NumPy view of the same shared memory: ~1 µs, where torch's indexed
+        # in-place add costs ~30 µs, 5% of a 256-px decode, on every sample
+        self._counts.numpy()[self._slot(), 1] += 1
 
     def read_or_skip(self, read: Callable[[], T], skip: bool) -> T | None:
         """``read()``, counted; its ``BadSampleError`` propagates, or with ``skip`` is counted

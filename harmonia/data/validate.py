@@ -36,7 +36,7 @@ def check_map_size(map_hw: Sequence[int], image_hw: Sequence[int], where: str) -
 def check_map(human_map: Tensor, image_hw: Sequence[int], where: str) -> Tensor:
     """A human map ``(1,H,W)`` of the image's size, finite and >= 0.
 
-    Integer maps (decoded 8/16-bit JPEG/PNG) cannot be NaN or negative: only their shape is
+    Unsigned 8/16-bit maps (decoded JPEG/PNG) cannot be NaN or negative: only their shape is
     checked, and they are returned as they are (the caller scales them). Float maps (raw
     arrays, ``.npy``) get the full check.
     """
@@ -45,8 +45,9 @@ def check_map(human_map: Tensor, image_hw: Sequence[int], where: str) -> Tensor:
     if human_map.dim() != 3 or human_map.shape[0] != 1:
         raise BadSampleError(where, f"human map must be (H,W) or (1,H,W); got shape {tuple(human_map.shape)}")
     check_map_size(human_map.shape[-2:], image_hw, where)
-    if not human_map.is_floating_point():
+    if human_map.dtype in (torch.uint8, torch.uint16):
         return human_map
+    human_map = human_map.float()  # any other dtype gets the value checks
     low, high = (float(v) for v in human_map.aminmax())  # NaN propagates: two cheap reductions
     if not (math.isfinite(low) and math.isfinite(high)):
         raise BadSampleError(where, f"human map has {int((~torch.isfinite(human_map)).sum())} NaN/inf value(s)")

@@ -166,6 +166,7 @@ def main() -> None:
         "images_per_s": 1.0 / median["device_worker"],
         "mode": "configs/clickme_resnet50.yaml on a GPU: augment_on auto -> device, train_map_decode scaled "
                 "(the worker's share; crop, flip and map blur run on the GPU)",
+        "pipeline_over_image_decode": median["decode_image"] / median["device_worker"],  # stricter floor: image only
         "worker_pipeline_over_decode": ratio["worker"],
         "worker_images_per_s": 1.0 / median["worker"],
         "device_worker_exact_over_decode": ratio["device_worker_exact"],

@@ -310,13 +310,7 @@ def decode_shard_sample(raw: dict[str, Any], where: str, num_classes: int | None
     image_key = next((k for k in IMAGE_KEYS if k in raw), None)
     if image_key is None:
         raise BadSampleError(where, f"no image member (one of {IMAGE_KEYS}); members: {sorted(k for k in raw if not k.startswith('__'))}")
-    if image_key == "image.npy":
-        image = _load_npy(raw[image_key], where, "image")
-    else:
-        try:
-            image = decode_image(torch.frombuffer(bytearray(raw[image_key]), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except RuntimeError as err:
-            raise BadSampleError(where, f"cannot decode image ({image_key}): {err}") from None
+    image = _decode_member(raw, image_key, where, "image", ImageReadMode.RGB)
     if "cls" not in raw:
         raise BadSampleError(where, "no label member (.cls)")
     try:
@@ -331,15 +325,18 @@ def decode_shard_sample(raw: dict[str, Any], where: str, num_classes: int | None
         low = dct_scaled_map(raw[map_key], where, image.shape[-2:])
         if low is not None:
             return image, low, label
-    if map_key == "map.npy":
-        human_map = _load_npy(raw[map_key], where, "map")
-    else:
-        try:
-            human_map = decode_image(torch.frombuffer(bytearray(raw[map_key]), dtype=torch.uint8), mode=ImageReadMode.GRAY)
-        except RuntimeError as err:
-            raise BadSampleError(where, f"cannot decode map ({map_key}): {err}") from None
-    human_map = check_map(human_map, image.shape[-2:], where)
+    human_map = check_map(_decode_member(raw, map_key, where, "map", ImageReadMode.GRAY), image.shape[-2:], where)
     return image, unit_map(human_map, low_res=map_decode != "full"), label
+
+
+def _decode_member(raw: dict[str, Any], key: str, where: str, what: str, mode: ImageReadMode) -> torch.Tensor:
+    """An image or map member: ``.npy`` as stored (float32), JPEG/PNG decoded (uint8/uint16)."""
+    if key.endswith(".npy"):
+        return _load_npy(raw[key], where, what)
+    try:
+        return decode_image(torch.frombuffer(bytearray(raw[key]), dtype=torch.uint8), mode=mode)
+    except RuntimeError as err:
+        raise BadSampleError(where, f"cannot decode {what} ({key}): {err}") from None
 
 
 def _buffer_shuffle(stream: Iterable, size: int, rng: np.random.Generator) -> Iterator:

@@ -47,6 +47,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/diagnostics_cost.py --out benchmarks/results/diagnostics_cost.json
 	$(PY) benchmarks/lipschitz_cost.py --out benchmarks/results/lipschitz_cost.json
 	$(PY) benchmarks/finetune_memory.py --out benchmarks/results/finetune_memory.json
+	$(PY) benchmarks/data_throughput.py --out benchmarks/results/data_throughput.json
 
 clean:
 	rm -rf runs wandb lightning_logs .pytest_cache

@@ -5,6 +5,7 @@
     harmonia test --config configs/digits.yaml --ckpt_path runs/digits/checkpoints/best.ckpt
     harmonia models                                                 # registered architectures
     harmonia models 'timm/*vit*'                                    # ... matching a pattern
+    harmonia convert SOURCE OUT                                     # folder / ClickMe records → tar shards
 
 After ``fit`` the best checkpoint is tested (``--test_after_fit false`` skips it) and a summary
 table is printed: decoy-free test accuracy, harmonization loss, checkpoint and log locations.
@@ -135,6 +136,11 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "models":
         for name, description in list_models(sys.argv[2] if len(sys.argv) > 2 else None).items():
             print(f"{name:<20} {description}")
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "convert":
+        from harmonia.data.convert import main as convert_main
+
+        convert_main(sys.argv[2:])
         return
     cli_main()
 

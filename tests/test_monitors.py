@@ -135,9 +135,13 @@ def test_models_without_a_certificate_are_refused(tmp_path: Path) -> None:
 
 
 def test_bf16_autocast_breaks_the_bound_and_the_monitor_warns() -> None:
-    """SPEC §4: Björck orthonormalization under bf16 autocast drifts above 1; the check says so."""
+    """SPEC §4: deel-torchlip's Björck under bf16 autocast drifts above 1; the check says so.
+
+    (Harmonia's own layers orthonormalize in float32 under autocast and keep the bound:
+    tests/test_lipschitz_layers.py; the deel backend is the known-broken case the monitor must catch.)
+    """
     torch.manual_seed(0)
-    module = AlignedClassifier(arch="lipschitz_cnn", arch_args=monitors_run.SMALL, lambda_harmonization=0.0,
+    module = AlignedClassifier(arch="lipschitz_cnn", arch_args={**monitors_run.SMALL, "backend": "deel"}, lambda_harmonization=0.0,
                                optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
     trainer = pl.Trainer(accelerator="cpu", precision="bf16-mixed", max_epochs=1, limit_train_batches=3, limit_val_batches=1,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

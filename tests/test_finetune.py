@@ -204,7 +204,7 @@ def test_finetuning_schedule_freezes_then_unfreezes_parts() -> None:
                                optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3))
     snaps = _Snapshots()
     schedule = FinetuningSchedule({0: ["head"], 1: ["net.layer4"], 2: ["all"]}, train_bn=False)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=3, limit_train_batches=1, limit_val_batches=0, logger=False,
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=3, limit_train_batches=2, limit_val_batches=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[schedule, snaps])
     trainer.fit(module, datamodule=DecoyDigitsDataModule(batch_size=16, channels=3))

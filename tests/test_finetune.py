@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ import yaml
 from harmonia.callbacks import FinetuningSchedule
 from harmonia.data import DecoyDigitsDataModule, Sample
 from harmonia.models import build_model, checkpoint_segments, find_blocks
+from harmonia.models.checkpointing import chunk_batchnorms
 from harmonia.module import AlignedClassifier
 from harmonia.optim import WarmupMultiStepLR
 
@@ -63,7 +65,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_checkpointing_gives_the_same_harmonization_gradient_and_batchnorm_statistics() -> None:
-    """A ResNet (BatchNorm in training mode) and a ViT with dropout: |Δg| / |g| ≤ 1e-5.
+    """A ResNet (BatchNorm in training mode; float64, |Δg| / |g| ≤ 1e-10) and a ViT with dropout (≤ 1e-5).
 
     A tiny timm ResNet with two residual blocks in its first two stages stands in for
     ResNet-18 (same blocks, ~100× fewer weights: the test stays fast on CPU).
@@ -74,19 +76,48 @@ def test_checkpointing_gives_the_same_harmonization_gradient_and_batchnorm_stati
                                lambda_harmonization=10.0)
     checkpointed = _twin(resnet, checkpointing=True)
     assert find_blocks(checkpointed.model.net) == ["layer1.0", "layer1.1", "layer2.0", "layer2.1"]
+    # float64: the stem's BatchNorms run channel-chunked (other fp32 rounding, ~4e-5 relative),
+    # so the exactness of the method is checked where rounding cannot hide an error.
+    resnet.double(), checkpointed.double()
     batch = _batch(4, 32)
+    batch = Sample(batch.image.double(), batch.human_map.double(), batch.has_map, batch.label)
     reference = _gradient(resnet, batch)
-    assert _relative(_gradient(checkpointed, batch), reference) < 1e-5
+    assert _relative(_gradient(checkpointed, batch), reference) < 1e-10
     for key, value in resnet.state_dict().items():  # running statistics updated once, not per recomputation
-        torch.testing.assert_close(checkpointed.state_dict()[key], value, atol=0, rtol=0, msg=key)
+        torch.testing.assert_close(checkpointed.state_dict()[key], value, atol=1e-12, rtol=1e-10, msg=key)
     # The test can fail: the harmonization term moves the gradient a lot at λ = 10.
-    plain = _twin(resnet)
+    plain = _twin(resnet).double()
     plain.lambda_harmonization = 0.0
     assert _relative(_gradient(plain, batch), reference) > 0.5
 
     vit_args = {"input_size": 32, "drop_rate": 0.1, "proj_drop_rate": 0.1, "attn_drop_rate": 0.1}
     vit = AlignedClassifier(arch="timm/test_vit", arch_args=vit_args, num_classes=10, lambda_harmonization=10.0)
+    batch = _batch(4, 32)
     assert _relative(_gradient(_twin(vit, checkpointing=True), batch), _gradient(vit, batch)) < 1e-5
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_channel_chunked_batchnorm_matches_one_call_to_second_order(momentum: float | None) -> None:
+    """A BatchNorm outside the segments runs per channel chunk: output, second-order gradients and
+    running statistics equal one call's (float64, to rounding); the stem of a ResNet is chunked."""
+    net = build_model("resnet18").net
+    assert chunk_batchnorms(net, find_blocks(net)) == ["bn1"]  # the stem; block BatchNorms are in segments
+    torch.manual_seed(0)
+    one = torch.nn.Sequential(torch.nn.Conv2d(3, 10, 3), torch.nn.BatchNorm2d(10, momentum=momentum),
+                              torch.nn.ReLU(), torch.nn.Conv2d(10, 2, 3)).double()
+    chunked = copy.deepcopy(one)
+    assert chunk_batchnorms(chunked, []) == ["1"]
+    x = torch.rand(4, 3, 12, 12, dtype=torch.float64, requires_grad=True)
+    results = []
+    for model in (one, chunked):
+        out = [model(x) for _ in range(2)][-1]  # two updates of the running statistics
+        (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        results.append([out, *torch.autograd.grad(g.square().sum(), list(model.parameters())),
+                        *model[1].buffers()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10)
+    chunked.eval()  # eval: the layer's own forward, running statistics
+    torch.testing.assert_close(chunked(x), one.eval()(x), atol=1e-10, rtol=1e-10)
 
 
 def test_channels_last_gives_the_same_harmonization_gradient() -> None:

@@ -10,8 +10,8 @@ Harmonia's human maps mark where people look (high = relevant), so the irrelevan
 ``A = 1 - h / max(h)`` per image: 1 far from the map, 0 at its peak, soft in between (ClickMe
 maps are continuous). A mapped sample whose map is all zeros marks nothing as relevant, so its
 whole gradient is penalized (as the harmonization loss pushes its saliency towards zero).
-The gradient is taken by the caller (``harmonia.explain.gradient.input_gradient`` with
-``create_graph=True``); this module only scores it.
+The gradient is taken by the caller (``AlignedClassifier.forward_with_explanations``:
+``torch.autograd.grad(log_prob_sum(logits), x, create_graph=True)``); this module only scores it.
 """
 
 from __future__ import annotations

@@ -87,27 +87,27 @@ def bjorck_factor(scaled_gram: Tensor, iterations: int) -> Tensor:
     return factor
 
 
-def _bjorck_scalar(lam: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
+def _bjorck_scalar(lam: np.ndarray, iterations: int) -> tuple[np.ndarray, np.ndarray]:
     """``(a(λ), a'(λ))``: the factor's eigenvalue for a Gram eigenvalue ``λ``, and its derivative.
 
-    The scalar form of :func:`bjorck_factor_products`: ``a = Π_k (1.5 − 0.5 s_k)`` with
-    ``s_0 = λ``, ``s_{k+1} = s_k (1.5 − 0.5 s_k)²``; the derivative by forward mode. In NumPy
-    on the (CPU, float64) eigenvalues: ~180 ops on ≤ 128 numbers, 5× cheaper than torch's dispatch.
+    The scalar form of :func:`bjorck_factor`: ``a = Π_k (1.5 − 0.5 s_k)`` with ``s_0 = λ``,
+    ``s_{k+1} = s_k (1.5 − 0.5 s_k)²``; the derivative by forward mode.
     """
-    s = lam.numpy()
-    ds, a, da = np.ones_like(s), np.ones_like(s), np.zeros_like(s)
+    s, ds = lam, np.ones_like(lam)
+    a, da = np.ones_like(lam), np.zeros_like(lam)
     for _ in range(iterations):
         p, dp = 1.5 - 0.5 * s, -0.5 * ds
         a, da = p * a, dp * a + p * da
         s, ds = s * p * p, ds * p * p + 2 * s * p * dp
-    return torch.from_numpy(a), torch.from_numpy(da)
+    return a, da
 
 
-def _divided_differences(x: Tensor, f: Tensor, df: Tensor) -> Tensor:
-    """``D_ij = (f_i − f_j)/(x_i − x_j)``, ``(f'_i + f'_j)/2`` where ``x_i ≈ x_j`` (float64)."""
+def _divided_differences(x: np.ndarray, f: np.ndarray, df: np.ndarray) -> np.ndarray:
+    """``D_ij = (f_i − f_j)/(x_i − x_j)``, ``(f'_i + f'_j)/2`` where ``x_i ≈ x_j``."""
     gap = x[:, None] - x[None, :]
-    close = gap.abs() < 1e-7  # midpoint error ~ f''' gap² ≪ float32 precision; cancellation ≤ 1e-9
-    return torch.where(close, 0.5 * (df[:, None] + df[None, :]), (f[:, None] - f[None, :]) / gap.masked_fill(close, 1.0))
+    close = np.abs(gap) < 1e-7  # midpoint error ~ |f'''| gap² ≪ float32 precision; cancellation ≤ 1e-9
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(close, 0.5 * (df[:, None] + df[None, :]), (f[:, None] - f[None, :]) / gap)
 
 
 class _SpectralFactor(torch.autograd.Function):
@@ -116,10 +116,12 @@ class _SpectralFactor(torch.autograd.Function):
     Why: ``f`` (``iterations`` Björck steps, :func:`bjorck_factor`) is a polynomial, so with
     ``S = Q diag(λ) Qᵀ`` it acts on each eigenvalue alone: ``A = Q diag(h(λ)) Qᵀ``; the power
     steps (``u ← Sᵏu / ‖Sᵏu‖``), ``σ̂² = max(uᵀSu, FLOOR² ‖S⁴‖_F^¼)`` (``‖S⁴‖_F^¼ = (Σλ⁸)^⅛``)
-    are read off the same decomposition. On a CPU one LAPACK ``eigh`` (1.4 ms at 128×128 in
-    float64 here) replaces ~150 small ops and their autograd nodes per layer, which were most
-    of the constraint's cost on the digits model. Same function as the op-by-op path in exact
-    arithmetic (tested to 1e-10 in float64, values and gradients).
+    are read off the same decomposition. On a CPU one LAPACK ``eigh`` (1.3–2 ms at 128×128
+    in float64 here) replaces ~150 small ops and their autograd nodes per layer, which were
+    most of the constraint's cost on the digits model; the per-eigenvalue arithmetic runs in
+    NumPy (≤ 128 numbers: torch's per-op dispatch would cost more than the numbers). Same
+    function as the op-by-op path in exact arithmetic (tested to 1e-10 in float64, values,
+    gradients and the power vector).
 
     Backward, exact (Daleckii–Krein): with ``Ḡ = QᵀGQ``, ``∂L/∂S = Q (D ∘ Ḡ) Qᵀ + c uuᵀ``,
     ``D`` the divided differences of ``h`` over the ``λ``, ``c = Σ_i Ḡ_ii ∂h_i/∂σ̂²`` (zero when
@@ -131,33 +133,35 @@ class _SpectralFactor(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gram: Tensor, u: Tensor, power_iterations: int, scale: float, iterations: int) -> Tensor:  # type: ignore[override]
-        lam, q = torch.linalg.eigh(gram.double())
-        coords = q.T @ u.double()  # u in the eigenbasis
-        top = lam.abs().max().clamp_min(torch.finfo(gram.dtype).tiny)
+        lam_t, q = torch.linalg.eigh(gram.double())
+        lam = lam_t.numpy()
+        coords = (u.double() @ q).numpy()  # u in the eigenbasis
+        top = max(float(np.abs(lam).max()), torch.finfo(gram.dtype).tiny)
         if power_iterations:  # scaled by the top eigenvalue: no overflow for any step count
             coords = coords * (lam / top) ** power_iterations
-            coords = coords / coords.norm().clamp_min(1e-12)
-            u.copy_(q @ coords)  # in place, as _power_method (u is a buffer, no graph)
-        floor = FLOOR**2 * top * ((lam / top) ** 8).sum() ** 0.125
-        estimate = (lam * coords * coords).sum()
-        sigma2 = torch.maximum(estimate, floor)
+            coords = coords / max(float(np.linalg.norm(coords)), 1e-12)
+            u.copy_(q @ torch.from_numpy(coords))  # in place, as _power_method (a buffer, no graph)
+        floor = FLOOR**2 * top * float(((lam / top) ** 8).sum()) ** 0.125
+        estimate = float((lam * coords * coords).sum())
+        sigma2 = max(estimate, floor)
         mu = lam / sigma2
         a, da = _bjorck_scalar(mu, iterations)
-        coef = scale / sigma2.sqrt()
-        ctx.save_for_backward(q, mu, a, da, q @ coords if estimate >= floor else None)
-        ctx.scale_terms = (coef.item(), sigma2.item())
-        return ((q * (a * coef)) @ q.T).to(gram.dtype)
+        coef = scale / math.sqrt(sigma2)
+        ctx.save_for_backward(q)
+        ctx.terms = (mu, a, da, coef, sigma2, q @ torch.from_numpy(coords) if estimate >= floor else None)
+        return ((q * torch.from_numpy(a * coef)) @ q.T).to(gram.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        q, mu, a, da, u = ctx.saved_tensors
-        coef, sigma2 = ctx.scale_terms
+        (q,) = ctx.saved_tensors
+        mu, a, da, coef, sigma2, u = ctx.terms
         inner = q.T @ grad.double() @ q
         # h(λ) = coef · a(λ/σ̂²): divided differences over λ are those of a over μ, / σ̂².
-        gram_grad = q @ ((coef / sigma2) * _divided_differences(mu, a, da) * inner) @ q.T
+        weights = torch.from_numpy((coef / sigma2) * _divided_differences(mu, a, da))
+        gram_grad = q @ (weights * inner) @ q.T
         if u is not None:  # σ̂² = uᵀSu: ∂h/∂σ̂² = −coef/σ̂² (μ a'(μ) + a/2)
-            dsigma2 = -(coef / sigma2) * (inner.diagonal() * (mu * da + 0.5 * a)).sum()
+            dsigma2 = -(coef / sigma2) * float((inner.diagonal().numpy() * (mu * da + 0.5 * a)).sum())
             gram_grad = gram_grad + dsigma2 * torch.outer(u, u)
         return gram_grad.to(grad.dtype), None, None, None, None
 

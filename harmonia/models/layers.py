@@ -18,7 +18,6 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 
 class _PairSwap(torch.autograd.Function):
@@ -97,39 +96,28 @@ class GroupSort2(nn.Module):
         return group_sort2(x)
 
 
-def _window_dot(a: Tensor, b: Tensor, k: int) -> Tensor:
-    """``Σ_window a·b`` over non-overlapping ``k×k`` windows of two ``(N, C, k·h, k·w)`` tensors.
+def _window_sum(x: Tensor, k: int) -> Tensor:
+    """Sum of ``x`` over non-overlapping ``k×k`` windows of an ``(N, C, k·h, k·w)`` tensor.
 
-    Strided multiply-adds, so no full-size temporary is allocated: on a CPU each fresh
-    full-size tensor costs page faults comparable to the arithmetic (``avg_pool2d`` on NCHW
-    is also 3-5× slower for ``k = 2`` here).
+    Strided adds: ``avg_pool2d`` on NCHW is 3× slower for ``k = 2`` on this CPU.
     """
-    rows = a[..., 0::k] * b[..., 0::k]
+    rows = x[..., 0::k]
     for i in range(1, k):
-        rows.addcmul_(a[..., i::k], b[..., i::k])
+        rows = rows + x[..., i::k]
     n, c, height, width = rows.shape
     rows = rows.view(n, c, height // k, k, width)
-    out = rows[:, :, :, 0] + rows[:, :, :, 1] if k > 1 else rows[:, :, :, 0].clone()
-    for i in range(2, k):
-        out += rows[:, :, :, i]
+    out = rows[:, :, :, 0]
+    for i in range(1, k):
+        out = out + rows[:, :, :, i]
     return out
 
 
-def _times_upsampled(x: Tensor, r: Tensor, k: int) -> Tensor:
-    """``x · U(r)``, ``U`` repeating each value of ``r (N, C, h, w)`` over its ``k×k`` window of ``x``."""
-    n, c, h, w = r.shape
-    # Upsample along the width (a copy of 1/k of x's size), then broadcast over the k rows of
-    # each window with the contiguous width innermost (vectorizes).
-    wide = r.unsqueeze(-1).expand(n, c, h, w, k).reshape(n, c, h, 1, w * k)
-    return (x.view(n, c, h, k, w * k) * wide).view(x.shape)
-
-
 class _L2NormPool(torch.autograd.Function):
-    """``y = sqrt(Σ_window x²)``; its gradient is :class:`_L2NormPoolGrad` (differentiable once more)."""
+    """``y = sqrt(Σ_window x²)``; gradient ``x · g / y`` per window, 0 where ``y = 0``."""
 
     @staticmethod
     def forward(ctx, x: Tensor, k: int) -> Tensor:  # type: ignore[override]
-        y = _window_dot(x, x, k).sqrt_()
+        y = _window_sum(x * x, k).sqrt_()
         ctx.save_for_backward(x, y)
         ctx.k = k
         return y
@@ -137,43 +125,17 @@ class _L2NormPool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         x, y = ctx.saved_tensors
-        return _L2NormPoolGrad.apply(x, y, grad, ctx.k), None
-
-
-class _L2NormPoolGrad(torch.autograd.Function):
-    """``∂y/∂x`` applied to ``g``: ``x · U(g/y)`` (0 on windows where ``y = 0``), with its own backward.
-
-    Why a Function of its own: the harmonization loss differentiates the input gradient, so
-    this runs in every harmonized step's double backward. Through autograd, its broadcasts
-    and their reductions allocated four full-size tensors per pooling; here the backward
-    allocates one (the gradient w.r.t. ``x``) and reduces ``gg·x`` by strided multiply-adds.
-    Third derivatives are not needed (the loss is first order in the input gradient):
-    ``once_differentiable``.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, grad: Tensor, k: int) -> Tensor:  # type: ignore[override]
-        # Constant 0/1 masks by arithmetic (bool `where` is slow on CPU); an empty window
-        # divides by 1 and is then zeroed, so no inf enters any derivative.
-        inverse = torch.gt(y, 0, out=torch.empty_like(y))  # 1 where y > 0
-        inverse.div_(torch.sub(y, inverse).add_(1))  # 1/y where y > 0, else 0
-        ratio = grad * inverse
-        ctx.save_for_backward(x, ratio, inverse)
-        ctx.k = k
-        return _times_upsampled(x, ratio, k)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gg: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, ratio, inverse = ctx.saved_tensors
         k = ctx.k
-        gg = gg.contiguous()
-        grad_x = _times_upsampled(gg, ratio, k) if ctx.needs_input_grad[0] else None
-        grad_y = grad_g = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_g = _window_dot(gg, x, k).mul_(inverse)  # ∂/∂g = Σ gg·x / y
-            grad_y = -grad_g * ratio  # ∂/∂y = −Σ gg·x · g / y²
-        return grad_x, grad_y, grad_g, None
+        with torch.no_grad():  # constant 0/1 masks (arithmetic: bool `where` is slow on CPU)
+            positive = torch.gt(y, 0, out=torch.empty_like(y))
+            empty = 1 - positive
+        # An empty window divides by 1 and is then zeroed: no inf enters any derivative.
+        ratio = grad / (y + empty) * positive
+        n, c, h, w = ratio.shape
+        # Upsample along the width (a copy of 1/k of the input's size), then broadcast over
+        # the k rows of each window with the contiguous width innermost (vectorizes).
+        wide = ratio.unsqueeze(-1).expand(n, c, h, w, k).reshape(n, c, h, 1, w * k)
+        return (x.view(n, c, h, k, w * k) * wide).view(x.shape), None
 
 
 class L2NormPool2d(nn.Module):

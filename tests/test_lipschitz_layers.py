@@ -90,6 +90,33 @@ def test_gram_bjorck_equals_deel_bjorck(shape: tuple[int, int]) -> None:
 
 
 @pytest.mark.parametrize(
+    "shape, power_iterations, floor",
+    [((12, 40), 3, False), ((40, 12), 3, False), ((64, 576), 0, False), ((16, 48), 0, True)],
+)
+def test_cpu_eigh_factor_equals_the_product_path(shape: tuple[int, int], power_iterations: int, floor: bool) -> None:
+    """The CPU's one-eigh factor is the op-by-op Björck factor: values, gradients, power vector."""
+    w = torch.randn(*shape, dtype=torch.float64)
+    fast = BjorckOrthonormal(w, iterations=12, power_iterations=power_iterations).double()
+    if floor:  # σ over 5 decades and u on the smallest direction: the floor sets σ̂
+        u, _, vh = torch.linalg.svd(w, full_matrices=False)
+        w = u @ torch.diag(torch.logspace(3, -2, min(shape), dtype=torch.float64)) @ vh
+        fast._u.copy_(u[:, -1])
+    slow = copy.deepcopy(fast)
+    slow.products = True
+    w = (1.3 * w).requires_grad_(True)
+    g = torch.randn(min(shape), min(shape), dtype=torch.float64)
+    results = []
+    for layer in (fast, slow):
+        factor = layer.factor(w)
+        (grad,) = torch.autograd.grad((factor * g).sum(), w)
+        results.append((factor, grad, layer._u.clone()))
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, atol=1e-10, rtol=1e-10)
+    with pytest.raises(RuntimeError, match="differentiable once"):  # never a silently wrong Hessian
+        torch.autograd.grad((fast.factor(w) * g).sum(), w, create_graph=True)
+
+
+@pytest.mark.parametrize(
     "ours, theirs, x",
     [
         (lambda: BjorckLinear(40, 12, iterations=15), lambda: SpectralLinear(40, 12, eps_bjorck=1e-30), (5, 40)),

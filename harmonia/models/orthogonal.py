@@ -52,7 +52,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 
 DEFAULT_ITERATIONS = 12
@@ -128,7 +127,8 @@ class _SpectralFactor(torch.autograd.Function):
     the floor, a constant of the gradient, sets ``σ̂``). All in float64: in float32 the rounding
     of ``Q`` mixes the large ``h ≈ 1.5^N`` of near-null directions into the others (measured
     4e-5 above 1 on a weight whose σ spans 5 decades). The weights need it to first order only
-    (the harmonization loss's double backward is w.r.t. the input): ``once_differentiable``.
+    (the harmonization loss's double backward is w.r.t. the input); a backward with
+    ``create_graph=True`` through it raises rather than return a silently wrong second derivative.
     """
 
     @staticmethod
@@ -152,8 +152,13 @@ class _SpectralFactor(torch.autograd.Function):
         return ((q * torch.from_numpy(a * coef)) @ q.T).to(gram.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative w.r.t. the weights
+            raise RuntimeError(
+                "the CPU Björck factor is differentiable once w.r.t. the weights (enough for the "
+                "harmonization loss, whose second derivative is w.r.t. the input); for higher "
+                "derivatives set `products = True` on every BjorckOrthonormal parametrization"
+            )
         (q,) = ctx.saved_tensors
         mu, a, da, coef, sigma2, u = ctx.terms
         inner = q.T @ grad.double() @ q
@@ -181,7 +186,8 @@ class _Gram(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
         (matrix,) = ctx.saved_tensors
-        return (grad + grad.T) @ matrix
+        # As (Mᵀ G')ᵀ: MKL runs this layout 1.5× faster for a 128×4096 M here (1.1 vs 1.7 ms).
+        return (matrix.T @ (grad + grad.T)).T
 
 
 def _top_eigenvalue_bound(gram: Tensor) -> Tensor:

@@ -32,12 +32,14 @@ image's own size and the two are cropped together (one resampling of the image, 
 Every path needs only the heatmap's 64-px map (the blur and the resizes are applied to it), so
 the dataset decodes straight to it: ``map_decode="exact"`` decodes the full map and takes the
 reference's bilinear samples (:func:`~harmonia.data.heatmap.low_res_heatmap`);
-``map_decode="scaled"`` decodes a JPEG map whose sides are 2, 4 or 8 × 64 px (ClickMe: 256)
-directly at 64 px by libjpeg-turbo's DCT-domain scaling (``simplejpeg``), ~4× cheaper than a
-full decode. The scaled map averages each 4×4 block where the reference samples its central
-2×2; after the σ = 10 blur the final maps differ by < 1% of their peak on ClickMe-like maps
-(tested; measured 0.4%), far below what the rank-based alignment metric or the standardized
-loss can see. Other maps (PNG, raw, other sizes, anything simplejpeg refuses) use ``exact``.
+``map_decode="scaled"`` decodes a JPEG map of side ≥ 128 px by libjpeg-turbo's DCT-domain
+scaling (``simplejpeg``) at the smallest M/8 scale that keeps 64 px (128/256/512 px, e.g.
+ClickMe's 256: directly at 64 px; 224 px: at 84 px, then the reference's bilinear step to 64).
+The scaled map averages blocks where the reference samples a few pixels; after the σ = 10 blur
+the final maps differ by < 1% of their peak on ClickMe-like maps (tested at 256 and 224 px),
+far below what the rank-based alignment metric or the standardized loss can see. Other maps
+(PNG, raw, under 128 px, anything simplejpeg refuses) use ``exact``. Batches of records are
+read by :mod:`harmonia.data.clickme_batch` (``ClickMeRecords.__getitems__``), with the same results.
 """
 
 from __future__ import annotations

@@ -32,12 +32,14 @@ image's own size and the two are cropped together (one resampling of the image, 
 Every path needs only the heatmap's 64-px map (the blur and the resizes are applied to it), so
 the dataset decodes straight to it: ``map_decode="exact"`` decodes the full map and takes the
 reference's bilinear samples (:func:`~harmonia.data.heatmap.low_res_heatmap`);
-``map_decode="scaled"`` decodes a JPEG map whose sides are 2, 4 or 8 × 64 px (ClickMe: 256)
-directly at 64 px by libjpeg-turbo's DCT-domain scaling (``simplejpeg``), ~4× cheaper than a
-full decode. The scaled map averages each 4×4 block where the reference samples its central
-2×2; after the σ = 10 blur the final maps differ by < 1% of their peak on ClickMe-like maps
-(tested; measured 0.4%), far below what the rank-based alignment metric or the standardized
-loss can see. Other maps (PNG, raw, other sizes, anything simplejpeg refuses) use ``exact``.
+``map_decode="scaled"`` decodes a JPEG map of side ≥ 128 px by libjpeg-turbo's DCT-domain
+scaling (``simplejpeg``) at the smallest M/8 scale that keeps 64 px (128/256/512 px, e.g.
+ClickMe's 256: directly at 64 px; 224 px: at 84 px, then the reference's bilinear step to 64).
+The scaled map averages blocks where the reference samples a few pixels; after the σ = 10 blur
+the final maps differ by < 1% of their peak on ClickMe-like maps (tested at 256 and 224 px),
+far below what the rank-based alignment metric or the standardized loss can see. Other maps
+(PNG, raw, under 128 px, anything simplejpeg refuses) use ``exact``. Batches of records are
+read by :mod:`harmonia.data.clickme_batch` (``ClickMeRecords.__getitems__``), with the same results.
 """
 
 from __future__ import annotations
@@ -53,21 +55,24 @@ import torch.nn.functional as F
 from google.protobuf.message import DecodeError
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg, encode_jpeg, encode_png
+from torchvision.io import encode_jpeg, encode_png
 
+from harmonia.data.clickme_batch import read_decoded_batch
+from harmonia.data.collate import CollatedBatch
 from harmonia.data.device_geometry import DecodedSample, decoded_sample
 from harmonia.data.errors import BadSampleError, SkipCounter
 from harmonia.data.heatmap import blur_low_map, dct_scaled_map, minmax, unit_map
 from harmonia.data.example import decode_example, encode_example
+from harmonia.data.jpeg import JPEG_SIGNATURE, PNG_SIGNATURE, decode_bytes
 from harmonia.data.sample import Sample
-from harmonia.data.tfrecord import read_record, record_offsets
+from harmonia.data.tfrecord import pread_record, record_offsets
 from harmonia.data.transforms import JointTransform, to_float_image
 from harmonia.data.validate import check_label, check_map, expand_files
 
 MapNormalization = Literal["none", "minmax"]
 MapDecode = Literal["full", "exact", "scaled"]
 RECORD_SUFFIXES = (".tfrecords", ".tfrecord", ".tfr")
-IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG")
+IMAGE_SIGNATURES = (JPEG_SIGNATURE, PNG_SIGNATURE)
 
 
 class ClickMeRecord(NamedTuple):
@@ -87,13 +92,9 @@ def _decode_array(value: list, where: str, what: str, channels: int, shape: tupl
             raise BadSampleError(where, f"feature {what!r} holds {len(value)} byte strings, expected 1")
         data = value[0]
         if data.startswith(IMAGE_SIGNATURES):
-            mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
-            encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            try:  # decode_jpeg directly: decode_image's format sniffing costs ~10% of a decode here
-                if data.startswith(IMAGE_SIGNATURES[0]):
-                    return decode_jpeg(encoded, mode=mode)
-                return decode_image(encoded, mode=mode)
-            except RuntimeError as err:
+            try:
+                return decode_bytes(data, gray=channels == 1)
+            except (RuntimeError, ValueError) as err:
                 raise BadSampleError(where, f"cannot decode {what!r} ({len(data)} bytes): {err}") from None
         if len(data) % 4:
             raise BadSampleError(where, f"{what!r} is neither JPEG/PNG nor float32 ({len(data)} bytes)")
@@ -279,6 +280,7 @@ class ClickMeRecords(Dataset):
         self.local_index = np.arange(len(self.offsets)) - starts[self.owners]
         self._handles: dict[int, BinaryIO] = {}
         self._pid = os.getpid()
+        self.scratch: dict = {}  # reusable buffers of the batched reader (harmonia.data.clickme_batch)
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -287,20 +289,25 @@ class ClickMeRecords(Dataset):
         """``"<file>, record <k>"`` for global index ``i``."""
         return f"{self.files[self.owners[i]]}, record {self.local_index[i]}"
 
-    def _handle(self, number: int) -> BinaryIO:
-        if self._pid != os.getpid():  # a forked worker: never share a parent's file offsets
+    def fd(self, number: int) -> int:
+        """The descriptor of record file ``number``, opened on first use in this process."""
+        if self._pid != os.getpid():  # a forked worker: its own files, never the parent's
             self._handles, self._pid = {}, os.getpid()
         if number not in self._handles:
             self._handles[number] = open(self.files[number], "rb")
-        return self._handles[number]
+        return self._handles[number].fileno()
 
     def read(self, i: int, map_decode: MapDecode = "full") -> ClickMeRecord:
         """The decoded, checked (not preprocessed) record ``i``; its heatmap as ``map_decode`` says."""
         number = int(self.owners[i])
+        data = pread_record(self.fd(number), int(self.offsets[i]), self.files[number], int(self.local_index[i]),
+                            self.verify_crc)
+        return self.decode(data, i, map_decode)
+
+    def decode(self, data: bytes, i: int, map_decode: MapDecode | None = None) -> ClickMeRecord:
+        """Decode and check the bytes of record ``i`` (``map_decode`` None: the dataset's own)."""
         where = self.where(i)
-        data = read_record(self._handle(number), int(self.offsets[i]), self.files[number], int(self.local_index[i]),
-                           self.verify_crc)
-        record = decode_clickme(data, where, self.raw_image_range, map_decode)
+        record = decode_clickme(data, where, self.raw_image_range, map_decode or self.map_decode)
         check_label(record.label, self.num_classes, where)
         return record
 
@@ -314,6 +321,13 @@ class ClickMeRecords(Dataset):
                                               self.map_normalization)
         return Sample(image, human_map, torch.tensor(True), torch.tensor(record.label, dtype=torch.int64))
 
+    def __getitems__(self, indices: Sequence[int]) -> CollatedBatch | list:
+        """A batch of samples in one call (DataLoader uses it): with ``augment_on="device"``
+        already collated (:mod:`harmonia.data.clickme_batch`), else ``[self[i] for i in indices]``."""
+        if self.augment_on == "device":
+            return read_decoded_batch(self, indices)
+        return [self[i] for i in indices]
+
     def close(self) -> None:
         """Close the open record files (reopened on demand)."""
         for handle in self._handles.values():
@@ -326,7 +340,7 @@ class ClickMeRecords(Dataset):
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_handles"] = {}
+        state["_handles"], state["scratch"] = {}, {}
         return state
 
 

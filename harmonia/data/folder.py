@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image, read_file
 
 from harmonia.data.errors import BadSampleError, SkipCounter
+from harmonia.data.jpeg import decode_bytes
 from harmonia.data.sample import Sample
 from harmonia.data.transforms import JointTransform
 from harmonia.data.validate import check_label, check_map
@@ -86,7 +86,7 @@ def load_map(path: Path, where: str) -> Tensor:
                 raise BadSampleError(where, f"map {path} has dtype {array.dtype}, expected numbers")
             return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
         if suffix == ".png":
-            raw = decode_image(read_file(str(path)), mode=ImageReadMode.GRAY)
+            raw = decode_bytes(path.read_bytes(), gray=True)
             scale = 65535.0 if raw.dtype == torch.uint16 else 255.0
             return raw.float() / scale
     except (RuntimeError, ValueError, OSError) as err:
@@ -99,8 +99,8 @@ def load_image(path: Path, where: str) -> Tensor:
     if not path.is_file():
         raise BadSampleError(where, f"image file {path} does not exist")
     try:
-        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    except RuntimeError as err:
+        return decode_bytes(path.read_bytes(), gray=False)
+    except (RuntimeError, ValueError, OSError) as err:
         raise BadSampleError(where, f"cannot decode image {path}: {err}") from None
 
 

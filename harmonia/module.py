@@ -51,11 +51,6 @@ class AlignedClassifier(pl.LightningModule):
             true class's logit) or ``log_prob`` (its log-softmax, which also moves with every
             other class's logit; a model can read a shortcut through the other logits while
             the true logit's gradient stays flat, see benchmarks/README.md).
-        saliency_temperature: the logits are multiplied by it before the saliency score is
-            taken (default 1: unchanged). With ``log_prob`` and τ-cross-entropy, τ makes the
-            score the model's own log-probability ``log softmax(τ·z)_y``: its gradient weighs
-            the other classes by the probabilities the objective trains, where ``softmax(z)``
-            of a 1-Lipschitz network's small logits is nearly uniform.
         lambda_rrr: weight of the Right-for-the-Right-Reasons penalty (Ross et al. 2017,
             ``harmonia.losses.rrr``) on ``∂ Σ_k log p_k / ∂x`` outside the human map; 0
             (default) disables it. Independent of ``lambda_harmonization``.
@@ -95,7 +90,6 @@ class AlignedClassifier(pl.LightningModule):
         lr_scales: dict[str, float] | None = None,
         lambda_end_scale: float = 1.0,
         pyramid_first_level: int = 0,
-        saliency_temperature: float = 1.0,
     ) -> None:
         super().__init__()
         for name, value in (("lambda_harmonization", lambda_harmonization), ("lambda_rrr", lambda_rrr),
@@ -116,9 +110,6 @@ class AlignedClassifier(pl.LightningModule):
             raise ValueError(f"saliency must be 'signed' or 'abs'; got {saliency!r}")
         self.saliency = saliency
         self.saliency_score = saliency_score
-        if saliency_temperature <= 0:
-            raise ValueError(f"saliency_temperature must be > 0; got {saliency_temperature}")
-        self.saliency_temperature = saliency_temperature
         self.lambda_rrr = lambda_rrr
         self.rrr = RightReasonsLoss(token_normalization)
         self.optimizer_factory = optimizer
@@ -185,9 +176,8 @@ class AlignedClassifier(pl.LightningModule):
             logits = torch.cat([logits_mapped, logits_unmapped])[order]
         saliency_map = rrr_gradient = None
         if saliency:
-            scored = logits_mapped if self.saliency_temperature == 1.0 else logits_mapped * self.saliency_temperature
             grad = input_gradient(
-                scored, inputs, label[mapped], create_graph, self.saliency_score, retain_graph=rrr or None
+                logits_mapped, inputs, label[mapped], create_graph, self.saliency_score, retain_graph=rrr or None
             )
             saliency_map = self._reduce(grad)
         if rrr:

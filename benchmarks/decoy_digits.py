@@ -24,6 +24,10 @@ of shortcut reliance on the same test digits: accuracy when every decoy is repai
 training shade of *another* class, and the share of those predictions that follow the decoy.
 
     python benchmarks/decoy_digits.py --out benchmarks/results/decoy_digits.json
+
+On a shared machine the arms and seeds can be run as separate invocations (``--variants``,
+``--seeds``, ``--threads 1``, one ``--out`` each) and merged into the one JSON with
+``--merge part1.json part2.json ... --out F.json`` (runs of the same arm are pooled by seed).
 """
 
 from __future__ import annotations
@@ -146,38 +150,45 @@ def write_json(path: Path, results: dict) -> None:
     tmp.replace(path)
 
 
-def main() -> None:
-    """Run the arms and seeds, print the table and write the JSON."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decoy_digits.json"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", choices=list(ARMS), default=DEFAULT_VARIANTS)
-    parser.add_argument("--epochs", type=int, help="replace the configs' max_epochs (smoke runs; not for the reported table)")
-    args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-
-    start_all = time.perf_counter()
+def merge(paths: list[Path]) -> dict[str, dict]:
+    """Pool the per-seed runs of partial JSON files (same arm, different seeds) and re-summarize."""
     results: dict[str, dict] = {}
-    for name in args.variants:
-        start = time.perf_counter()
-        measured = [run(name, seed, args.epochs) for seed in args.seeds]
-        runs = [m for m, _ in measured]
-        results[name] = {**summarize(runs), "runs": runs, **measured[0][1], "seconds": time.perf_counter() - start}
-        r = results[name]
-        print(f"{name:<26} {100 * r['mean']:6.2f} ± {100 * r['std']:5.2f}  {[round(100 * x['acc'], 1) for x in runs]}  "
-              f"({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
-        write_json(args.out, results)  # partial results survive an interrupted run
-    elapsed = time.perf_counter() - start_all
-    results["settings"] = {"seeds": args.seeds, "variants": args.variants, "epochs_override": args.epochs, "threads": torch.get_num_threads(), "seconds": elapsed}
+    for path in paths:
+        part = json.loads(path.read_text())
+        for name, arm in part.items():
+            if name == "settings":
+                continue
+            if name not in results:
+                results[name] = {**arm, "runs": [], "seeds": [], "seconds": 0.0}
+            seeds = arm.get("seeds", part["settings"]["seeds"] if "settings" in part else [None] * len(arm["runs"]))
+            if set(seeds) & set(results[name]["seeds"]) - {None}:
+                raise ValueError(f"{path}: arm {name!r} has seeds {seeds} already merged from another file")
+            described = {k: v for k, v in arm.items() if k not in ("runs", "seeds", "seconds") and not k.endswith(("mean", "std"))}
+            merged = {k: v for k, v in results[name].items() if k not in ("runs", "seeds", "seconds") and not k.endswith(("mean", "std"))}
+            if described != merged:
+                raise ValueError(f"{path}: arm {name!r} was run with different settings than in the other files")
+            results[name]["runs"] += arm["runs"]
+            results[name]["seeds"] += seeds
+            results[name]["seconds"] += arm["seconds"]
+    for arm in results.values():
+        order = sorted(range(len(arm["runs"])), key=lambda i: (arm["seeds"][i] is None, arm["seeds"][i]))
+        arm["runs"] = [arm["runs"][i] for i in order]
+        arm["seeds"] = [arm["seeds"][i] for i in order]
+        arm.update(summarize(arm["runs"]))
+    return results
 
+
+def print_table(results: dict[str, dict], variants: list[str]) -> None:
+    """The markdown table and the targets' lines."""
     print("\n| variant | config (+ overrides) | arch | objective | λ harm. | λ RRR | train decoy | decoy-free test acc. | other-shade acc. | follows decoy |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for name in args.variants:
+    for name in variants:
         r = results[name]
         config = " ".join([Path(r["config"]).name, *(o.split(".")[-1] for o in r["overrides"])])
         print(f"| {name} | {config} | {r['arch']} | {r['objective']} | {r['lambda_harmonization']:g} | {r['lambda_rrr']:g} "
               f"| {r['train_decoy']} | {100 * r['mean']:.1f}% ± {100 * r['std']:.1f} | {100 * r['acc_other_shade_mean']:.1f}% "
               f"| {100 * r['follows_decoy_mean']:.1f}% |")
+    print("\nper seed:", {name: [round(100 * x["acc"], 1) for x in results[name]["runs"]] for name in variants})
     if "baseline" in results:
         for name in ("harmonized_cnn", "harmonized_rrr_cnn", "harmonized_lipschitz", "rrr_cnn"):
             if name not in results:
@@ -188,6 +199,44 @@ def main() -> None:
                 if oracle in results:
                     line += f"; {100 * (results[oracle]['mean'] - results[name]['mean']):.1f} points below {oracle} (target ≤ 3)"
             print(line)
+
+
+def main() -> None:
+    """Run the arms and seeds (or merge partial runs), print the table and write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decoy_digits.json"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", choices=list(ARMS), default=DEFAULT_VARIANTS)
+    parser.add_argument("--epochs", type=int, help="replace the configs' max_epochs (smoke runs; not for the reported table)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads (accuracy does not depend on it)")
+    parser.add_argument("--merge", type=Path, nargs="+", help="merge these partial JSON files into --out instead of training")
+    args = parser.parse_args()
+    if args.merge:
+        results = merge(args.merge)
+        variants = [n for n in [*DEFAULT_VARIANTS, *ARMS] if n in results]
+        variants = list(dict.fromkeys(variants))
+        print_table(results, variants)
+        results["settings"] = {"merged": [str(p) for p in args.merge], "variants": variants}
+        write_json(args.out, results)
+        print(f"wrote {args.out}")
+        return
+    torch.set_num_threads(args.threads)
+
+    start_all = time.perf_counter()
+    results: dict[str, dict] = {}
+    for name in args.variants:
+        start = time.perf_counter()
+        measured = [run(name, seed, args.epochs) for seed in args.seeds]
+        runs = [m for m, _ in measured]
+        results[name] = {**summarize(runs), "runs": runs, "seeds": list(args.seeds), **measured[0][1],
+                         "seconds": time.perf_counter() - start}
+        r = results[name]
+        print(f"{name:<26} {100 * r['mean']:6.2f} ± {100 * r['std']:5.2f}  {[round(100 * x['acc'], 1) for x in runs]}  "
+              f"({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        write_json(args.out, results)  # partial results survive an interrupted run
+    elapsed = time.perf_counter() - start_all
+    results["settings"] = {"seeds": args.seeds, "variants": args.variants, "epochs_override": args.epochs, "threads": torch.get_num_threads(), "seconds": elapsed}
+    print_table(results, args.variants)
     epochs = sorted({results[n]["epochs"] for n in args.variants})
     print(f"\n{len(args.variants)} variants × {len(args.seeds)} seeds, epochs {epochs}, "
           f"{torch.get_num_threads()} threads: {elapsed / 60:.1f} minutes")

@@ -8,6 +8,7 @@ and ``HarmonizationLoss(saliency, map)`` → one ordinary backward (done by Ligh
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from typing import Any, Literal
 
@@ -39,6 +40,8 @@ class AlignedClassifier(pl.LightningModule):
         lambda_harmonization: weight λ of the harmonization term (0 disables it in training;
             it is still measured on validation and test data).
         pyramid_levels: Gaussian pyramid levels compared (reference: 5).
+        pyramid_first_level: first level compared (reference: 0, full resolution); see
+            ``HarmonizationLoss``.
         token_normalization: ``batch`` (reference number) or ``mapped`` (see SPEC §1).
         saliency: channel reduction of the input gradient. ``signed`` (the reference): mean
             of the signed gradient; standardize-cut then ignores negative evidence, so a model
@@ -60,6 +63,12 @@ class AlignedClassifier(pl.LightningModule):
         lr_scales: learning-rate multipliers per model part, e.g. ``{backbone: 0.1}`` or
             ``{head: 10, net.layer4: 0.5}`` (parts: ``harmonia.models.parts``); the decay rule
             above holds in every group.
+        lambda_end_scale: multiplier of λ at the end of training: λ follows a cosine from
+            ``lambda_harmonization`` at the first optimizer step to ``lambda_end_scale ·
+            lambda_harmonization`` at the last one (of ``max_epochs``/``max_steps``), per step.
+            1 (default) keeps λ constant. Below 1, the term weighs most while the classifier is
+            forming (when a shortcut is learned) and less once the features are set; λ = 0
+            still means no harmonization at all, whatever the scale.
     """
 
     def __init__(
@@ -79,9 +88,12 @@ class AlignedClassifier(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         lr_scales: dict[str, float] | None = None,
+        lambda_end_scale: float = 1.0,
+        pyramid_first_level: int = 0,
     ) -> None:
         super().__init__()
-        for name, value in (("lambda_harmonization", lambda_harmonization), ("lambda_rrr", lambda_rrr)):
+        for name, value in (("lambda_harmonization", lambda_harmonization), ("lambda_rrr", lambda_rrr),
+                            ("lambda_end_scale", lambda_end_scale)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0; got {value}")
         if saliency_score not in ("logit", "log_prob"):
@@ -91,8 +103,9 @@ class AlignedClassifier(pl.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model = build_model(arch, num_classes=num_classes, **(arch_args or {}))
         self.objective = build_objective(objective, **(objective_args or {}))
-        self.harmonization = HarmonizationLoss(pyramid_levels, token_normalization)
+        self.harmonization = HarmonizationLoss(pyramid_levels, token_normalization, first_level=pyramid_first_level)
         self.lambda_harmonization = lambda_harmonization
+        self.lambda_end_scale = lambda_end_scale
         if saliency not in ("signed", "abs"):
             raise ValueError(f"saliency must be 'signed' or 'abs'; got {saliency!r}")
         self.saliency = saliency
@@ -108,6 +121,18 @@ class AlignedClassifier(pl.LightningModule):
         self.accuracy = torch.nn.ModuleDict(
             {f"{stage}_acc": MulticlassAccuracy(num_classes, validate_args=False) for stage in ("train", "val", "test")}
         )
+
+    def current_lambda(self) -> float:
+        """λ of the harmonization term at this training step (the schedule, if any).
+
+        Without a schedule, or outside a fit, it is ``lambda_harmonization``.
+        """
+        if self.lambda_end_scale == 1.0 or self._trainer is None:
+            return self.lambda_harmonization
+        total = self.trainer.estimated_stepping_batches
+        progress = min(self.global_step / max(total - 1, 1), 1.0) if math.isfinite(total) else 0.0
+        scale = self.lambda_end_scale + (1.0 - self.lambda_end_scale) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.lambda_harmonization * scale
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of the wrapped model."""
@@ -165,7 +190,8 @@ class AlignedClassifier(pl.LightningModule):
 
     def _step(self, batch: Sample, stage: str) -> Tensor:
         training = stage == "train"
-        want_saliency = self.lambda_harmonization > 0 or not training
+        lam = self.current_lambda() if training else self.lambda_harmonization
+        want_saliency = lam > 0 or not training
         want_rrr = self.lambda_rrr > 0
         # Evaluation needs gradients w.r.t. inputs: escape no_grad / inference_mode locally.
         with torch.inference_mode(False), torch.enable_grad(), cached_weights():
@@ -188,7 +214,7 @@ class AlignedClassifier(pl.LightningModule):
                 # and a ViT: 25-45% of the bf16 error of the harmonization gradient).
                 with torch.autocast(image.device.type, enabled=False):
                     harmonization = self.harmonization(saliency, human_map[mapped].to(saliency.dtype), len(label))
-            loss = objective + self.lambda_harmonization * harmonization
+            loss = objective + lam * harmonization
             rrr = objective.new_zeros(())
             if rrr_gradient is not None:
                 rrr = self.rrr(rrr_gradient, human_map[mapped].to(rrr_gradient.dtype), len(label))
@@ -203,6 +229,8 @@ class AlignedClassifier(pl.LightningModule):
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=training, sync_dist=sync)
         self.log(f"{stage}/objective", objective, on_step=False, on_epoch=True, sync_dist=sync)
         self.log(f"{stage}/harmonization", harmonization, on_step=False, on_epoch=True, sync_dist=sync)
+        if training and self.lambda_end_scale != 1.0:
+            self.log("train/lambda_harmonization", lam, on_step=True, on_epoch=False)
         if want_rrr:
             self.log(f"{stage}/rrr", rrr, on_step=False, on_epoch=True, sync_dist=sync)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)

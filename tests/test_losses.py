@@ -35,17 +35,19 @@ def np_same_downsample(m: np.ndarray) -> np.ndarray:
     return out
 
 
-def np_harmonization(sal: np.ndarray, human: np.ndarray, tokens: np.ndarray, levels: int = 5) -> float:
-    """The reference's per-batch number: mean over levels of mean_{N,H,W}(diff² · token)."""
+def np_harmonization(sal: np.ndarray, human: np.ndarray, tokens: np.ndarray, levels: int = 5, first: int = 0) -> float:
+    """The reference's per-batch number: mean over levels of mean_{N,H,W}(diff² · token)
+    (levels ``first..levels-1``; the reference compares all, ``first = 0``)."""
     s = np.stack([np_standardize_cut(m) for m in sal])
     h = np.stack([np_standardize_cut(m) for m in human])
     h = h / (h.max(axis=(1, 2), keepdims=True) + 1e-6) * (s.max(axis=(1, 2), keepdims=True) + 1e-6)
     total = 0.0
-    for _ in range(levels):
-        total += np.mean((s - h) ** 2 * tokens[:, None, None])
+    for level in range(levels):
+        if level >= first:
+            total += np.mean((s - h) ** 2 * tokens[:, None, None])
         s = np.stack([np_same_downsample(m) for m in s])
         h = np.stack([np_same_downsample(m) for m in h])
-    return total / levels
+    return total / (levels - first)
 
 
 def test_standardize_cut_hand_case() -> None:
@@ -77,6 +79,17 @@ def test_loss_equals_reference_transcription(size: int) -> None:
     assert got.item() == pytest.approx(expected, rel=1e-10)
     mapped_only = HarmonizationLoss(token_normalization="mapped")(sal[mapped], human[mapped])
     assert mapped_only.item() == pytest.approx(expected * 4 / 3, rel=1e-10)
+
+
+def test_first_level_compares_only_the_coarser_levels() -> None:
+    g = torch.Generator().manual_seed(2)
+    sal = torch.randn(3, 1, 32, 32, generator=g, dtype=torch.float64)
+    human = torch.rand(3, 1, 32, 32, generator=g, dtype=torch.float64)
+    expected = np_harmonization(sal[:, 0].numpy(), human[:, 0].numpy(), np.ones(3), first=2)
+    assert HarmonizationLoss(first_level=2)(sal, human).item() == pytest.approx(expected, rel=1e-10)
+    assert expected != pytest.approx(np_harmonization(sal[:, 0].numpy(), human[:, 0].numpy(), np.ones(3)))
+    with pytest.raises(ValueError, match="first_level"):
+        HarmonizationLoss(levels=5, first_level=5)
 
 
 def test_identical_maps_give_zero_loss() -> None:

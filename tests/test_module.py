@@ -109,3 +109,23 @@ def test_optimizer_and_scheduler_factories() -> None:
     assert opt.param_groups[0]["weight_decay"] == 1e-5
     n_params = sum(len(g["params"]) for g in opt.param_groups)
     assert n_params == len(list(module.model.parameters()))
+
+
+def test_lambda_schedule_decays_by_cosine_to_its_end_scale() -> None:
+    from types import SimpleNamespace
+
+    module = AlignedClassifier(arch="cnn", arch_args={"widths": [8, 8], "hidden": 16},
+                               lambda_harmonization=2.0, lambda_end_scale=0.2)
+    assert module.current_lambda() == 2.0  # outside a fit: the configured λ
+    lambdas = []
+    for step in range(5):
+        module._trainer = SimpleNamespace(estimated_stepping_batches=5, global_step=step)
+        lambdas.append(module.current_lambda())
+    # cosine from 2.0 at the first step to 0.2·2.0 at the last, through the midpoint 1.2
+    assert lambdas == pytest.approx([2.0, 2.0 - 1.6 * (1 - 0.5 ** 0.5) / 2, 1.2, 0.4 + 1.6 * (1 - 0.5 ** 0.5) / 2, 0.4])
+    off = AlignedClassifier(arch="cnn", arch_args={"widths": [8, 8], "hidden": 16}, lambda_harmonization=0.0,
+                            lambda_end_scale=5.0)
+    off._trainer = SimpleNamespace(estimated_stepping_batches=5, global_step=4)
+    assert off.current_lambda() == 0.0  # λ = 0 (baselines) stays off whatever the scale
+    with pytest.raises(ValueError, match="lambda_end_scale"):
+        AlignedClassifier(arch="cnn", lambda_end_scale=-1.0)

@@ -56,11 +56,12 @@ def gaussian_pyramid(maps: Tensor, levels: int = 5) -> list[Tensor]:
     return pyramid
 
 
-def pyramidal_mse(a: Tensor, b: Tensor, levels: int = 5) -> Tensor:
-    """Per-sample mean over pyramid levels of the spatial MSE between ``a`` and ``b``: shape ``(N,)``."""
+def pyramidal_mse(a: Tensor, b: Tensor, levels: int = 5, first_level: int = 0) -> Tensor:
+    """Per-sample mean over pyramid levels ``first_level..levels-1`` of the spatial MSE
+    between ``a`` and ``b``: shape ``(N,)``."""
     per_level = [
         (pa - pb).pow(2).mean(dim=(1, 2, 3))
-        for pa, pb in zip(gaussian_pyramid(a, levels), gaussian_pyramid(b, levels))
+        for pa, pb in zip(gaussian_pyramid(a, levels)[first_level:], gaussian_pyramid(b, levels)[first_level:])
     ]
     return torch.stack(per_level).mean(dim=0)
 
@@ -96,6 +97,10 @@ class HarmonizationLoss(nn.Module):
             size, reproducing the reference number exactly (it averages over token-0 samples
             too, so the term shrinks when few samples carry maps); ``"mapped"`` divides by ``M``.
         validate: check maps for NaN, negative values and shape (one host sync per call).
+        first_level: first pyramid level compared (0, the reference, is the full-resolution
+            map). Level ``k`` compares the maps blurred and subsampled ``k`` times, so starting
+            at ``k > 0`` asks the saliency to sit where the human map is at a ``2^k``-pixel
+            scale without tracing its fine shape (a looser constraint; see benchmarks/README.md).
     """
 
     def __init__(
@@ -103,6 +108,7 @@ class HarmonizationLoss(nn.Module):
         levels: int = 5,
         token_normalization: TokenNormalization = "batch",
         validate: bool = True,
+        first_level: int = 0,
     ) -> None:
         super().__init__()
         if token_normalization not in ("batch", "mapped"):
@@ -111,7 +117,10 @@ class HarmonizationLoss(nn.Module):
             )
         if levels < 1:
             raise ValueError(f"levels must be >= 1; got {levels}")
+        if not 0 <= first_level < levels:
+            raise ValueError(f"first_level must lie in [0, levels - 1] = [0, {levels - 1}]; got {first_level}")
         self.levels = levels
+        self.first_level = first_level
         self.token_normalization = token_normalization
         self.validate = validate
 
@@ -125,7 +134,7 @@ class HarmonizationLoss(nn.Module):
         # so the model cannot lower the loss by shrinking its own saliency.
         peak = saliency.amax(dim=(-2, -1), keepdim=True).detach() + 1e-6
         human = human / (human.amax(dim=(-2, -1), keepdim=True) + 1e-6) * peak
-        return pyramidal_mse(saliency, human, self.levels)
+        return pyramidal_mse(saliency, human, self.levels, self.first_level)
 
     def forward(self, saliency: Tensor, human_maps: Tensor, batch_size: int | None = None) -> Tensor:
         """Harmonization term for ``M`` mapped samples out of a batch of ``batch_size``."""

@@ -1,0 +1,46 @@
+"""benchmarks/decoy_digits.py: partial runs (split by arm and seed) merge into the one JSON."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.decoy_digits import main, merge  # noqa: E402
+
+ARM = {"config": "configs/digits.yaml", "overrides": [], "oracle": "oracle_lipschitz", "arch": "lipschitz_cnn",
+       "objective": "tau_cross_entropy", "lambda_harmonization": 0.1, "lambda_rrr": 0.0, "saliency": "abs",
+       "saliency_score": "log_prob", "train_decoy": "label", "epochs": 30, "batch_size": 64}
+
+
+def _part(tmp_path: Path, name: str, seeds: list[int], accs: list[float], **changes) -> Path:
+    runs = [{"acc": a, "acc_other_shade": a, "follows_decoy": 0.01} for a in accs]
+    path = tmp_path / f"{name}_{'_'.join(map(str, seeds))}.json"
+    path.write_text(json.dumps({"harmonized_lipschitz": {**ARM, **changes, "runs": runs, "seeds": seeds, "seconds": 1.0,
+                                                         "mean": 0.0, "std": 0.0}, "settings": {"seeds": seeds}}))
+    return path
+
+
+def test_merge_pools_seeds_and_resummarizes(tmp_path: Path) -> None:
+    merged = merge([_part(tmp_path, "a", [2], [0.8]), _part(tmp_path, "b", [0, 1], [0.9, 0.7])])
+    arm = merged["harmonized_lipschitz"]
+    assert arm["seeds"] == [0, 1, 2] and [r["acc"] for r in arm["runs"]] == [0.9, 0.7, 0.8]
+    assert arm["mean"] == pytest.approx(0.8) and arm["std"] == pytest.approx(0.1)
+    assert arm["seconds"] == 2.0 and arm["config"] == "configs/digits.yaml"
+
+
+def test_merge_refuses_repeated_seeds_or_different_settings(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="seeds"):
+        merge([_part(tmp_path, "a", [0], [0.8]), _part(tmp_path, "b", [0, 1], [0.9, 0.7])])
+    with pytest.raises(ValueError, match="different settings"):
+        merge([_part(tmp_path, "a", [2], [0.8]), _part(tmp_path, "b", [0, 1], [0.9, 0.7], lambda_harmonization=1.0)])
+
+
+def test_merge_cli_writes_the_interface(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "all.json"
+    monkeypatch.setattr(sys, "argv", ["decoy_digits.py", "--merge", str(_part(tmp_path, "a", [0, 1], [0.9, 0.7])), "--out", str(out)])
+    main()
+    result = json.loads(out.read_text())
+    assert result["harmonized_lipschitz"]["mean"] == pytest.approx(0.8)

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import torch
 
+from harmonia.allocator import retain_freed_memory
 from harmonia.data import DecoyDigits, Sample
 from harmonia.models import export
 from harmonia.module import AlignedClassifier
@@ -122,7 +123,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="steps per variant per round")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", type=int, nargs="+", help="indices into MODELS (default: all)")
+    parser.add_argument("--malloc", choices=["retain", "system"], default="retain",
+                        help='"retain" (default): glibc keeps freed memory, as the harmonia command sets it (harmonia/allocator.py); "system": malloc untouched')
     args = parser.parse_args()
+    malloc = "retain" if args.malloc == "retain" and retain_freed_memory() else "system"
     # training_step is called without a Trainer: its self.log() calls are no-ops that warn.
     warnings.filterwarnings("ignore", message=r".*self\.trainer. reference is not registered")
     torch.set_num_threads(args.threads)
@@ -142,12 +146,13 @@ def main() -> None:
         "export_inference_over_twin": max(default[f"export_over_twin_bs{bs}"] for bs in args.batch_sizes),
         "model": chosen[0][0],
         "threads": torch.get_num_threads(),
+        "malloc": malloc,
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "per_model": per_model,
     }
     bss = args.batch_sizes
-    print(f"\n{torch.get_num_threads()} threads, medians of {args.rounds} interleaved rounds × {args.steps} steps; Lipschitz / twin")
+    print(f"\n{torch.get_num_threads()} threads, malloc {malloc}, medians of {args.rounds} interleaved rounds × {args.steps} steps; Lipschitz / twin")
     header = " | ".join(f"{k} bs{bs}" for k in ("CE step", "harmonized step", "export inference") for bs in bss)
     print(f"| model | {header} |")
     print("|---|" + "---|" * (3 * len(bss)))

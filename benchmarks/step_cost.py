@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from harmonia.allocator import retain_freed_memory
 from harmonia.data import DecoyDigits, Sample
 from harmonia.losses import HarmonizationLoss
 from harmonia.models import build_model
@@ -149,12 +150,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--malloc", choices=["retain", "system"], default="retain",
+                        help='"retain" (default): glibc keeps freed memory, as the harmonia command sets it (harmonia/allocator.py); "system": malloc untouched')
     args = parser.parse_args()
+    malloc = "retain" if args.malloc == "retain" and retain_freed_memory() else "system"
     per_arch = {arch: measure(arch, args.batch_size, args.rounds, args.steps) for arch in ("lipschitz_cnn", "cnn")}
     default = per_arch["lipschitz_cnn"]
     result = {key: default[key] for key in ("harmonized_over_plain", "mixed25_over_plain", "module_over_handwritten")}
-    result.update({"model": "lipschitz_cnn (configs/digits.yaml)", "batch_size": args.batch_size, "threads": torch.get_num_threads(), "per_arch": per_arch})
-    print(f"\nbatch {args.batch_size}, {torch.get_num_threads()} threads, medians of {args.rounds}×{args.steps - 1} interleaved steps")
+    result.update({"model": "lipschitz_cnn (configs/digits.yaml)", "batch_size": args.batch_size, "threads": torch.get_num_threads(), "malloc": malloc, "per_arch": per_arch})
+    print(f"\nbatch {args.batch_size}, {torch.get_num_threads()} threads, malloc {malloc}, medians of {args.rounds}×{args.steps - 1} interleaved steps")
     print("| model | plain ms | harmonized ms | 25% mapped ms | hand-written ms | Lightning ms | harmonized/plain (≤2.5) | mixed25/plain (≤1.5) | module/hand-written (≤1.05) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for arch, m in per_arch.items():

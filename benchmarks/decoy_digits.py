@@ -13,6 +13,7 @@ data split (``seed_everything`` and ``data.seed``).
 - ``oracle_lipschitz``: the same for the 1-Lipschitz CNN (configs/digits_baseline.yaml);
 - ``harmonized_rrr_cnn``: harmonization + the RRR penalty (Ross et al. 2017) on the same CNN
   (configs/digits_cnn_harmonized_rrr.yaml);
+- ``harmonized_rrr_lipschitz``: the same for the 1-Lipschitz CNN (configs/digits_rrr.yaml);
 optional (``--variants``): ``rrr_cnn`` (RRR instead of harmonization, configs/digits_cnn_rrr.yaml),
 ``baseline_lipschitz`` (configs/digits_baseline.yaml as is) and
 ``harmonized_cnn_noshortcut`` (harmonization with random-shade training decoys: what the loss
@@ -25,20 +26,26 @@ training shade of *another* class, and the share of those predictions that follo
 
     python benchmarks/decoy_digits.py --out benchmarks/results/decoy_digits.json
 
-On a shared machine the arms and seeds can be run as separate invocations (``--variants``,
-``--seeds``, ``--threads 1``, one ``--out`` each) and merged into the one JSON with
-``--merge part1.json part2.json ... --out F.json`` (runs of the same arm are pooled by seed).
+Every fit runs on one CPU thread (``--threads``, default 1), ``--jobs`` fits at a time in worker
+processes (default: one per core). One thread per fit makes the table reproducible: with the
+same code and machine every fit gives the same numbers however many run at once, whereas
+float reductions split over two threads change a 30-epoch run by up to a point on one seed.
+The arms and seeds can also be run as separate invocations (``--variants``, ``--seeds``, one
+``--out`` each) and merged into the one JSON with ``--merge part1.json part2.json ... --out
+F.json`` (runs of the same arm are pooled by seed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +53,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from harmonia.allocator import retain_freed_memory
 from harmonia.data import DecoyDigits
 from harmonia.data.digits import label_shade
 from harmonia.train import cli_main
@@ -71,11 +79,13 @@ ARMS = {
     "oracle": Arm("configs/digits_cnn_harmonized.yaml", NO_HARMONIZATION + RANDOM_DECOYS),
     "oracle_lipschitz": Arm("configs/digits_baseline.yaml", RANDOM_DECOYS, oracle="oracle_lipschitz"),
     "harmonized_rrr_cnn": Arm("configs/digits_cnn_harmonized_rrr.yaml"),
+    "harmonized_rrr_lipschitz": Arm("configs/digits_rrr.yaml", oracle="oracle_lipschitz"),
     "rrr_cnn": Arm("configs/digits_cnn_rrr.yaml"),
     "baseline_lipschitz": Arm("configs/digits_baseline.yaml", oracle="oracle_lipschitz"),
     "harmonized_cnn_noshortcut": Arm("configs/digits_cnn_harmonized.yaml", RANDOM_DECOYS),
 }
-DEFAULT_VARIANTS = ["baseline", "harmonized_cnn", "harmonized_rrr_cnn", "harmonized_lipschitz", "oracle", "oracle_lipschitz"]
+DEFAULT_VARIANTS = ["baseline", "harmonized_cnn", "harmonized_rrr_cnn", "harmonized_lipschitz", "harmonized_rrr_lipschitz",
+                    "oracle", "oracle_lipschitz"]
 
 
 @torch.no_grad()
@@ -129,6 +139,15 @@ def run(name: str, seed: int, epochs: int | None = None) -> tuple[dict[str, floa
         "epochs": cli.trainer.max_epochs, "batch_size": data.hparams.batch_size,
     }
     return out, described
+
+
+def run_job(name: str, seed: int, epochs: int | None, threads: int) -> tuple[str, int, dict[str, float], dict, float]:
+    """:func:`run` in a worker process with ``threads`` torch threads: ``(name, seed, measured, described, seconds)``."""
+    retain_freed_memory()  # as the harmonia command does (speed only; spawned workers do not inherit it)
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    measured, described = run(name, seed, epochs)
+    return name, seed, measured, described, time.perf_counter() - start
 
 
 def summarize(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -190,7 +209,7 @@ def print_table(results: dict[str, dict], variants: list[str]) -> None:
               f"| {100 * r['follows_decoy_mean']:.1f}% |")
     print("\nper seed:", {name: [round(100 * x["acc"], 1) for x in results[name]["runs"]] for name in variants})
     if "baseline" in results:
-        for name in ("harmonized_cnn", "harmonized_rrr_cnn", "harmonized_lipschitz", "rrr_cnn"):
+        for name in ("harmonized_cnn", "harmonized_rrr_cnn", "harmonized_lipschitz", "harmonized_rrr_lipschitz", "rrr_cnn"):
             if name not in results:
                 continue
             gain = 100 * (results[name]["mean"] - results["baseline"]["mean"])
@@ -208,7 +227,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", choices=list(ARMS), default=DEFAULT_VARIANTS)
     parser.add_argument("--epochs", type=int, help="replace the configs' max_epochs (smoke runs; not for the reported table)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads (accuracy does not depend on it)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads per fit (default 1: the setting of the published table, see above)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="fits run at once, each in its own process")
     parser.add_argument("--merge", type=Path, nargs="+", help="merge these partial JSON files into --out instead of training")
     args = parser.parse_args()
     if args.merge:
@@ -220,26 +241,32 @@ def main() -> None:
         write_json(args.out, results)
         print(f"wrote {args.out}")
         return
-    torch.set_num_threads(args.threads)
 
     start_all = time.perf_counter()
     results: dict[str, dict] = {}
-    for name in args.variants:
-        start = time.perf_counter()
-        measured = [run(name, seed, args.epochs) for seed in args.seeds]
-        runs = [m for m, _ in measured]
-        results[name] = {**summarize(runs), "runs": runs, "seeds": list(args.seeds), **measured[0][1],
-                         "seconds": time.perf_counter() - start}
-        r = results[name]
-        print(f"{name:<26} {100 * r['mean']:6.2f} ± {100 * r['std']:5.2f}  {[round(100 * x['acc'], 1) for x in runs]}  "
-              f"({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
-        write_json(args.out, results)  # partial results survive an interrupted run
+    done: dict[str, dict[int, tuple[dict[str, float], dict, float]]] = {name: {} for name in args.variants}
+    jobs = [(name, seed) for name in args.variants for seed in args.seeds]
+    # spawn: a fresh interpreter per worker (forking a process whose OpenMP pool has run can hang).
+    with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(jobs))), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(run_job, name, seed, args.epochs, args.threads) for name, seed in jobs]
+        for future in as_completed(futures):
+            name, seed, measured, described, seconds = future.result()
+            done[name][seed] = (measured, described, seconds)
+            print(f"{name:<26} seed {seed}: {100 * measured['acc']:6.2f}  ({time.perf_counter() - start_all:.0f} s)",
+                  file=sys.stderr, flush=True)
+            if len(done[name]) == len(args.seeds):  # an arm is summarized once all its seeds are in
+                runs = [done[name][seed][0] for seed in args.seeds]
+                results[name] = {**summarize(runs), "runs": runs, "seeds": list(args.seeds), **done[name][args.seeds[0]][1],
+                                 "seconds": sum(done[name][seed][2] for seed in args.seeds)}
+                write_json(args.out, {n: results[n] for n in args.variants if n in results})  # partial results survive
     elapsed = time.perf_counter() - start_all
-    results["settings"] = {"seeds": args.seeds, "variants": args.variants, "epochs_override": args.epochs, "threads": torch.get_num_threads(), "seconds": elapsed}
+    results = {name: results[name] for name in args.variants}
+    results["settings"] = {"seeds": args.seeds, "variants": args.variants, "epochs_override": args.epochs,
+                           "threads": args.threads, "jobs": args.jobs, "seconds": elapsed}
     print_table(results, args.variants)
     epochs = sorted({results[n]["epochs"] for n in args.variants})
     print(f"\n{len(args.variants)} variants × {len(args.seeds)} seeds, epochs {epochs}, "
-          f"{torch.get_num_threads()} threads: {elapsed / 60:.1f} minutes")
+          f"{args.threads} thread(s) per fit, {args.jobs} at once: {elapsed / 60:.1f} minutes")
     write_json(args.out, results)
     print(f"wrote {args.out}")
 

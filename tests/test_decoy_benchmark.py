@@ -44,3 +44,24 @@ def test_merge_cli_writes_the_interface(tmp_path: Path, monkeypatch: pytest.Monk
     main()
     result = json.loads(out.read_text())
     assert result["harmonized_lipschitz"]["mean"] == pytest.approx(0.8)
+
+
+def test_a_fit_in_a_worker_process_equals_the_same_fit_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--jobs runs fits in spawned workers at one thread each: the numbers must not depend on it."""
+    import torch
+
+    from benchmarks.decoy_digits import run
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    out = tmp_path / "jobs.json"
+    monkeypatch.setattr(sys, "argv", ["decoy_digits.py", "--variants", "baseline", "--seeds", "1", "--epochs", "1",
+                                      "--jobs", "1", "--out", str(out)])
+    main()
+    in_worker = json.loads(out.read_text())["baseline"]["runs"][0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        in_process, _ = run("baseline", 1, epochs=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert in_worker == pytest.approx(in_process, abs=0, rel=0)

@@ -27,9 +27,11 @@ training shade of *another* class, and the share of those predictions that follo
     python benchmarks/decoy_digits.py --out benchmarks/results/decoy_digits.json
 
 Every fit runs on one CPU thread (``--threads``, default 1), ``--jobs`` fits at a time in worker
-processes (default: one per core). One thread per fit makes the table reproducible: with the
-same code and machine every fit gives the same numbers however many run at once, whereas
-float reductions split over two threads change a 30-epoch run by up to a point on one seed.
+processes (default: one per core). One thread per fit makes a fit's numbers independent of how
+many run at once (tested: a fit in a worker equals the same fit in-process), whereas float
+reductions split over two threads change a 30-epoch run by up to a point on one seed. Another
+machine (CPU model, MKL/oneDNN kernels) can still give other numbers for the same seed: the
+2026-12-06 table does not reproduce the 2026-11-25 one seed for seed (benchmarks/README.md).
 The arms and seeds can also be run as separate invocations (``--variants``, ``--seeds``, one
 ``--out`` each) and merged into the one JSON with ``--merge part1.json part2.json ... --out
 F.json`` (runs of the same arm are pooled by seed).

@@ -17,7 +17,7 @@ the constraint. Layout: ``len(widths)`` stages of ``depth`` × (3×3 conv + acti
 ``BjorckConv2d``, ``BjorckLinear``, ``GroupSort2`` and ``L2NormPool2d`` are Harmonia's
 (``orthogonal.py``, ``layers.py``): the same functions and guarantee as deel-torchlip's
 ``SpectralConv2d``, ``SpectralLinear``, ``GroupSort2`` and ``ScaledL2NormPool2d``; a training
-step costs 1.06–1.56× the twin's with them, 2.1–3.3× with deel-torchlip's (benchmarks/README.md).
+step costs 1.06–1.43× the twin's with them, 1.7–3.8× with deel-torchlip's (benchmarks/README.md, idle machine).
 ``backend="deel"`` builds the deel-torchlip 1.0.5 layers instead (with Harmonia's
 ``L2NormPool2d``, whose gradient is finite on empty windows), e.g. to load a checkpoint
 trained before the switch or to compare.

@@ -24,7 +24,7 @@ def _without(config: dict, *model_keys: str) -> dict:
     [
         ("digits_baseline.yaml", "digits.yaml", {"lambda_harmonization": 0.0}),
         ("digits_cnn_harmonized_rrr.yaml", "digits_cnn_harmonized.yaml", {"lambda_rrr": 0.01}),
-        ("digits_rrr.yaml", "digits.yaml", {"lambda_rrr": 0.1, "pyramid_first_level": 2}),
+        ("digits_rrr.yaml", "digits.yaml", {"lambda_rrr": 0.3, "pyramid_first_level": 2}),
         ("digits_cnn_rrr.yaml", "digits_cnn_harmonized.yaml", {"lambda_harmonization": 0.0, "lambda_rrr": 0.01}),
     ],
 )

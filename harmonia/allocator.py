@@ -6,10 +6,12 @@ step, 2-32 MB each) with ``mmap`` or from the top of the heap, and gives them ba
 operating system when they are freed: ``munmap``, or trimming the heap once more than
 ``M_TRIM_THRESHOLD`` is free at its top. The next step asks for the same sizes again and
 touches every page afresh: a minor page fault and a zeroed page per 4 KiB. A 1-Lipschitz
-step at batch 64 took ~4,600 faults (18 MB) per step and its twin 2, only because the
-Lipschitz layers' temporaries happen to leave more free memory at the heap's top; at batch
-256 both models faulted 30-50 thousand times per step. With the two thresholds raised, the
-same steps fault ~once and run 1.1-1.7× faster (Lipschitz and twin alike).
+step at batch 64 took ~4,600 faults (18 MB) per step and its twin 2 (the Lipschitz layers'
+temporaries leave more free memory at the heap's top, which glibc then trims); at batch 256
+both models faulted 30-50 thousand times per step. With the two thresholds raised, the same
+steps fault ~once: at batch 256 they ran 1.25-1.7× faster (Lipschitz and twin alike), the
+harmonized step at batch 64 1.1-1.2×, the cross-entropy step at batch 64 within noise;
+``make train`` 77 → 68-70 s.
 
 This is what PyTorch's CPU performance guide obtains by preloading jemalloc or tcmalloc,
 done with glibc's own ``mallopt`` so nothing is installed. The cost: a process keeps its

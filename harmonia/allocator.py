@@ -10,7 +10,8 @@ step at batch 64 took ~4,600 faults (18 MB) per step and its twin 2 (the Lipschi
 temporaries leave more free memory at the heap's top, which glibc then trims); at batch 256
 both models faulted 30-50 thousand times per step. With the two thresholds raised, the same
 steps fault ~once: at batch 256 they ran 1.25-1.7× faster (Lipschitz and twin alike), the
-harmonized step at batch 64 1.1-1.2×, the cross-entropy step at batch 64 within noise;
+harmonized step at batch 64 from no gain (lipschitz_cost.py) to 1.2× (step_cost.py), the
+cross-entropy step at batch 64 within noise;
 ``make train`` 77 → 68-70 s.
 
 This is what PyTorch's CPU performance guide obtains by preloading jemalloc or tcmalloc,

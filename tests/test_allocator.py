@@ -54,9 +54,10 @@ def test_retained_memory_is_reused_without_page_faults() -> None:
     system = _probe("system")
     retained = _probe("retain")
     assert retained["applied"] is True
-    # 10 rounds × 48 MiB = 122,880 pages of 4 KiB, each faulted anew when glibc unmaps the block.
-    assert system["faults"] > 100_000, system
-    assert retained["faults"] < 5_000, (retained, system)
+    # 10 rounds × 48 MiB = 122,880 pages of 4 KiB faulted anew when glibc unmaps the block (~240
+    # with transparent huge pages set to "always"); retained, the block is reused without a fault.
+    assert system["faults"] > 200, system
+    assert retained["faults"] <= system["faults"] // 20, (retained, system)
 
 
 @glibc_only

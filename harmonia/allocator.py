@@ -44,8 +44,15 @@ _applied = False
 
 
 def why_not_retained() -> str | None:
-    """The reason :func:`retain_freed_memory` would leave malloc alone here, else ``None``."""
-    if os.environ.get(ENV, "retain").lower() in ("system", "0", "off", "false", "no"):
+    """The reason :func:`retain_freed_memory` would leave malloc alone here, else ``None``.
+
+    Raises ``ValueError`` when ``HARMONIA_MALLOC`` is set to anything but ``retain`` or ``system``
+    (a typo must not silently mean the default).
+    """
+    choice = os.environ.get(ENV, "retain").strip().lower()
+    if choice not in ("retain", "system"):
+        raise ValueError(f"{ENV}={os.environ[ENV]!r}: expected 'retain' (the default) or 'system'")
+    if choice == "system":
         return f"{ENV}={os.environ[ENV]}"
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "not glibc (its malloc has no mallopt thresholds)"

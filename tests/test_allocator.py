@@ -42,7 +42,11 @@ print(json.dumps({"applied": applied, "faults": faults, "why_not": why_not_retai
 
 
 def _probe(mode: str, **env: str) -> dict:
-    environment = {k: v for k, v in os.environ.items() if k not in ("HARMONIA_MALLOC", "LD_PRELOAD")}
+    from harmonia.allocator import _USER_CHOICES
+
+    # Whatever malloc settings the caller's environment carries would change what is measured.
+    dropped = ("HARMONIA_MALLOC", "LD_PRELOAD", "GLIBC_TUNABLES", *_USER_CHOICES)
+    environment = {k: v for k, v in os.environ.items() if k not in dropped}
     environment.update(env, PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", PROBE, mode], env=environment, capture_output=True, text=True,
                          timeout=120, check=True)
@@ -83,6 +87,16 @@ def test_user_choices_are_left_alone(monkeypatch: pytest.MonkeyPatch, env: dict[
     monkeypatch.setattr(allocator.ctypes, "CDLL", lambda *a: pytest.fail("mallopt must not be called"))
     assert allocator.retain_freed_memory() is False
     assert allocator.why_not_retained() == reason
+
+
+@pytest.mark.parametrize("value", ["sytem", "1", ""])
+def test_an_unknown_choice_is_refused_by_name(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    from harmonia import allocator
+
+    monkeypatch.setenv("HARMONIA_MALLOC", value)
+    monkeypatch.setattr(allocator, "_applied", False)
+    with pytest.raises(ValueError, match="HARMONIA_MALLOC=.*'retain'.*'system'"):
+        allocator.retain_freed_memory()
 
 
 def test_threshold_must_fit_a_c_int(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,7 +27,10 @@ measures, in interleaved rounds on one thread (a DataLoader worker runs single-t
 - ``worker_exact``: the same with ``train_map_decode: exact``;
 - ``eval``: the reference evaluation preprocessing (resize 224, exact map 64 → blur → 224);
 - ``loader``: ``device_worker`` run by a real ``DataLoader`` with one worker process
-  (includes handing batches to the main process through shared memory; wall clock only);
+  (includes handing batches to the main process through shared memory, in blocks the worker
+  recycles, ``harmonia/data/shared_batch.py``; wall clock only); ``loader_worker_cpu``: the
+  CPU time of that worker process (all its threads: the reading loop, the queue's feeder,
+  the descriptor handover), which load on the machine barely changes;
 - ``device_stage``: the rest of the device path (``apply_device_geometry``: map blur,
   crop/resize/flip, float) on the collated batches, here on the CPU with one thread; and, when
   CUDA is available, on the GPU (``device_stage_cuda``, batches already on the GPU, and
@@ -59,6 +62,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harmonia.allocator import retain_freed_memory  # noqa: E402
 from harmonia.data import ClickMeRecords, JointTransform  # noqa: E402
 from harmonia.data.collate import collate_samples  # noqa: E402
 from harmonia.data.device_geometry import DeviceCollate, apply_device_geometry  # noqa: E402
@@ -79,8 +83,14 @@ ROWS = {  # variant: what it is, for the table
     "worker_exact": "same, `train_map_decode: exact`",
     "eval": "evaluation: reference resize 224, exact map 64 → blur → 224",
     "loader": "device_worker in a real DataLoader worker process (wall clock)",
+    "loader_worker_cpu": "the same: CPU time of the worker process (all its threads), any clock",
     "device_stage": "device stage of `augment_on: device`, here on the CPU, 1 thread",
 }
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    """CPU time of every thread of process ``pid`` (Linux schedstat, nanosecond resolution)."""
+    return sum(int((task / "schedstat").read_text().split()[0]) for task in Path(f"/proc/{pid}/task").iterdir()) / 1e9
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -122,7 +132,11 @@ def main() -> None:
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
                         help="wall: perf_counter (reported numbers, run under cpu-exclusive); thread: CPU time of "
                              "this thread (comparisons on a busy machine; no `loader` row)")
+    parser.add_argument("--malloc", choices=["retain", "system"], default="retain",
+                        help='"retain" (default): glibc keeps freed memory, as the harmonia command sets it at start-up '
+                             'and its forked DataLoader workers inherit (harmonia/allocator.py); "system": malloc untouched')
     args = parser.parse_args()
+    malloc = "retain" if args.malloc == "retain" and retain_freed_memory() else "system"
     global CLOCK
     CLOCK = time.perf_counter if args.clock == "wall" else time.thread_time
     torch.set_num_threads(1)
@@ -171,10 +185,21 @@ def main() -> None:
             "decode_torchvision": lambda: [(decode_jpeg(a), decode_jpeg(b, mode=ImageReadMode.GRAY)) for a, b in tensors],
             **{name: (lambda name=name: run(name)) for name in pipelines},
         }
-        if args.clock == "wall":
-            loader = DataLoader(pipelines["device_worker"][0], batch_size=args.batch, shuffle=True, num_workers=1,
-                                collate_fn=device_collate, persistent_workers=True)
-            variants["loader"] = lambda: [None for _ in loader]
+        loader = DataLoader(pipelines["device_worker"][0], batch_size=args.batch, shuffle=True, num_workers=1,
+                            collate_fn=device_collate, persistent_workers=True)
+        worker_cpu: list[float] = []
+
+        def run_loader() -> None:
+            """One epoch through the DataLoader; the worker process's CPU time per image, from the 2nd call."""
+            iterator = loader._iterator  # persistent workers: made by the first (warm-up) epoch
+            pid = iterator._workers[0].pid if iterator is not None else None
+            before = _process_cpu_seconds(pid) if pid else None
+            for _ in loader:
+                pass
+            if before is not None:
+                worker_cpu.append((_process_cpu_seconds(pid) - before) / args.records)
+
+        variants["loader"] = run_loader
         variants["device_stage"] = lambda: [apply_device_geometry(b, 224) for b in device_batches]
         for fn in variants.values():  # warm-up: page cache, allocator, index file, the loader's worker
             fn()
@@ -184,6 +209,10 @@ def main() -> None:
                 times[name].append(_timed(fn) / args.records)
         cuda = _cuda_stage(device_batches, 224, args.rounds, args.records) if torch.cuda.is_available() else {}
 
+    if args.clock == "thread":
+        del times["loader"]  # this thread's clock says nothing of another process
+    if worker_cpu:
+        times["loader_worker_cpu"] = worker_cpu
     median = {k: statistics.median(v) for k, v in times.items()}
     floor = min(median["decode"], median["decode_reused"])  # the fastest way to decode the same bytes
     ratio = {k: floor / v for k, v in median.items()}
@@ -203,20 +232,21 @@ def main() -> None:
         "eval_over_decode": ratio["eval"],
         "eval_images_per_s": 1.0 / median["eval"],
         "loader_over_decode": ratio.get("loader"),
+        "loader_worker_cpu_over_decode": ratio.get("loader_worker_cpu"),
         "device_stage_ms_per_image_cpu": 1e3 * median["device_stage"],
         "device_stage_ms_per_image_cuda": cuda.get("device_stage_cuda"),
         "h2d_ms_per_image_cuda": cuda.get("h2d_cuda"),
         "ms_per_image": {k: 1e3 * v for k, v in median.items()},
         "records": args.records, "size": args.size, "rounds": args.rounds, "batch": args.batch, "record_kb": mean_kb,
-        "threads": 1, "clock": args.clock, "torch": torch.__version__,
+        "threads": 1, "clock": args.clock, "malloc": malloc, "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
     print(f"{args.records} records of {mean_kb:.1f} KB ({args.size}×{args.size} JPEG image + heatmap), 1 thread, "
-          f"{args.rounds} interleaved rounds, medians ({args.clock} clock), batches of {args.batch}")
+          f"{args.rounds} interleaved rounds, medians ({args.clock} clock), batches of {args.batch}, malloc {malloc}")
     print("| variant | what | ms / image | images / s | floor / variant |")
     print("|---|---|---|---|---|")
-    for name in variants:
+    for name in median:
         print(f"| {name} | {ROWS[name]} | {1e3 * median[name]:.3f} | {1 / median[name]:.0f} | {ratio[name]:.2f} |")
     for name, ms in cuda.items():
         print(f"| {name} | on {result['cuda_device']} | {ms:.4f} | {1e3 / ms:.0f} | — |")

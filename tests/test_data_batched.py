@@ -15,10 +15,10 @@ from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg, encode_png
 from harmonia.data import BadSampleError, ClickMeRecords, JointTransform
 from harmonia.data.clickme import encode_clickme
 from harmonia.data.collate import CollatedBatch, collate_samples
-from harmonia.data.device_geometry import DeviceCollate
+from harmonia.data.device_geometry import DeviceBatch, DeviceCollate, apply_device_geometry, low_maps
 from harmonia.data.example import encode_example
 from harmonia.data.jpeg import decode_bytes
-from harmonia.data.synthetic import synthetic_image
+from harmonia.data.synthetic import synthetic_image, write_synthetic_clickme
 from harmonia.data.tfrecord import masked_crc32c
 
 TRAIN = JointTransform(32, train=True, uint8_output=True)
@@ -80,6 +80,27 @@ def test_batched_records_equal_the_per_sample_path(tmp_path: Path, size: int, ma
         _equal(collate_samples(batched), collate_samples([ds[i] for i in indices]))
         _equal(default_collate(list(batched)), collate_samples(batched))  # a plain list of samples too
     assert ds.skips.read == 2 * (12 + 5) and ds.skips.skipped == 0
+
+
+@pytest.mark.parametrize("size, small", [(160, 80), (224, 84), (256, 64)])
+def test_uniform_scaled_maps_ship_as_pixels_and_resample_as_per_sample(tmp_path: Path, size: int, small: int) -> None:
+    """Plain JPEG records (ClickMe's case): the batch carries the uint8 DCT-scaled map pixels;
+    low_maps() (the device's first step) gives the per-sample path's 64-px maps exactly, and the
+    device stage gives the same batch from either."""
+    path = write_synthetic_clickme(tmp_path / "u.tfrecords", 6, size=size, num_classes=10)
+    ds = ClickMeRecords(path, num_classes=10, transform=TRAIN, augment_on="device", map_decode="scaled",
+                        index_dir=str(tmp_path))
+    batched = collate_samples(ds.__getitems__([4, 1, 5, 0]))
+    per_sample = collate_samples([ds[i] for i in (4, 1, 5, 0)])
+    assert batched.low_map.dtype == torch.uint8 and batched.low_map.shape == (4, 1, small, small)
+    assert torch.equal(batched.image, per_sample.image) and torch.equal(batched.label, per_sample.label)
+    assert torch.equal(low_maps(batched.low_map), per_sample.low_map)
+    box, flip = torch.tensor([[0.0, 0.0, size, size]] * 4), torch.tensor([False, True, False, True])
+    ours, theirs = (apply_device_geometry(DeviceBatch(b.image, b.low_map, torch.ones(4, dtype=torch.bool), b.label,
+                                                      box, flip), 32) for b in (batched, per_sample))
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    with pytest.raises(ValueError, match="64×64"):
+        low_maps(torch.zeros(1, 1, 32, 32))
 
 
 @pytest.mark.parametrize("case, message", [

@@ -18,11 +18,13 @@ class CollatedBatch(Sequence):
     sample); ``rows[k]`` is the row of the ``k``-th requested index, or None for a bad sample
     that was skipped. :func:`collate_samples` hands ``batch`` on as it is (no per-sample
     stacking); for any other consumer (``Subset``, ``StackDataset``, ``default_collate``) this
-    is the usual list of samples: item ``k`` is row ``rows[k]`` (views) or None.
+    is the usual list of samples: item ``k`` is row ``rows[k]`` (views) or None. ``block``: the
+    :class:`~harmonia.data.shared_batch.Block` the batch's tensors are views of, when it has
+    room left for the collate function's tensors (``DeviceCollate``).
     """
 
-    def __init__(self, batch: NamedTuple, rows: list[int | None]) -> None:
-        self.batch, self.rows = batch, rows
+    def __init__(self, batch: NamedTuple, rows: list[int | None], block: Any = None) -> None:
+        self.batch, self.rows, self.block = batch, rows, block
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -37,8 +37,9 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
 from harmonia.data.collate import collate_samples
-from harmonia.data.heatmap import LOW_RES, blur_upsample_matrix
+from harmonia.data.heatmap import LOW_RES, blur_upsample_matrix, low_res_heatmap
 from harmonia.data.sample import Sample
+from harmonia.data.shared_batch import lease, view_bytes
 
 
 class DecodedSample(NamedTuple):
@@ -47,7 +48,9 @@ class DecodedSample(NamedTuple):
     - ``image``: uint8 ``(H,W,3)``, channels last: that is how the JPEG decoder lays pixels
       out, so batching is a plain copy (stacking ``(3,H,W)`` views of it costs as much as a
       quarter of the decode);
-    - ``low_map``: float ``(1,64,64)``, the heatmap's 64-px map (before the blur);
+    - ``low_map``: float ``(1,64,64)``, the heatmap's 64-px map (before the blur); a batch read
+      by ``ClickMeRecords.__getitems__`` may instead carry the uint8 DCT-scaled map pixels
+      ``(N,1,h,w)`` as decoded, which :func:`low_maps` resamples to 64 px on the device;
     - ``label``: int (collated into one tensor per batch, not one per sample).
     """
 
@@ -59,7 +62,8 @@ class DecodedSample(NamedTuple):
 class DeviceBatch(NamedTuple):
     """A batch whose geometry is still to be applied on the device (:class:`DeviceCollate`).
 
-    ``image`` uint8 ``(N,H,W,3)``; ``low_map`` float ``(N,1,64,64)``; ``has_map``, ``label``: as
+    ``image`` uint8 ``(N,H,W,3)``; ``low_map`` float ``(N,1,64,64)`` or uint8 ``(N,1,h,w)`` (see
+    :class:`DecodedSample`; :func:`low_maps` gives the float maps); ``has_map``, ``label``: as
     in ``Sample``; ``box`` float ``(N,4)`` crop boxes ``(left, top, right, bottom)`` in pixels;
     ``flip`` bool ``(N,)``, horizontal flips.
     """
@@ -130,12 +134,25 @@ class DeviceCollate:
         self.scale, self.ratio, self.hflip = tuple(crop.scale), tuple(crop.ratio), hflip
 
     def __call__(self, samples: Sequence[DecodedSample | None]) -> DeviceBatch:
-        """Collate one batch."""
+        """Collate one batch (in the block of a batch read by ``__getitems__``, when it has one)."""
+        block = getattr(samples, "block", None)
         image, low_map, label = collate_samples(samples)
         n, height, width = image.shape[:3]
         box = draw_boxes(n, height, width, self.scale, self.ratio)
         flip = torch.rand(n) < self.hflip
-        return DeviceBatch(image, low_map, torch.ones(n, dtype=torch.bool), label, box, flip)
+        if block is None:
+            return DeviceBatch(image, low_map, torch.ones(n, dtype=torch.bool), label, box, flip)
+        batch = DeviceBatch(image, low_map, block.take((n,), torch.bool).fill_(True), label,
+                            block.take((n, 4), torch.float32).copy_(box), block.take((n,), torch.bool).copy_(flip))
+        return lease(batch, block)
+
+
+def device_batch_bytes(n: int, height: int, width: int) -> int:
+    """Bytes of a :class:`DeviceBatch` of ``n`` ``height``×``width`` images carved from one
+    :class:`~harmonia.data.shared_batch.Block` (each field aligned)."""
+    fields = [((n, height, width, 3), torch.uint8), ((n, 1, LOW_RES, LOW_RES), torch.float32),
+              ((n,), torch.bool), ((n,), torch.int64), ((n, 4), torch.float32), ((n,), torch.bool)]
+    return sum(view_bytes(shape, dtype) for shape, dtype in fields)
 
 
 def crop_resize_flip(stack: Tensor, boxes: Tensor, flips: Tensor, size: int) -> Tensor:
@@ -144,6 +161,17 @@ def crop_resize_flip(stack: Tensor, boxes: Tensor, flips: Tensor, size: int) -> 
                       boxes.to(stack.dtype)], dim=1)
     out = roi_align(stack, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=1, aligned=True)
     return torch.where(flips.view(-1, 1, 1, 1), out.flip(-1), out)
+
+
+def low_maps(low_map: Tensor) -> Tensor:
+    """The float 64-px maps ``(N,1,64,64)`` of a batch's ``low_map`` field: as they are, or, for
+    the uint8 DCT-scaled pixels a batched reader ships, the reference's bilinear step to 64 px
+    (:func:`~harmonia.data.heatmap.low_res_heatmap`, the worker's own function) and ÷ 255."""
+    if low_map.dtype == torch.uint8:
+        low_map = low_res_heatmap(low_map).div_(255.0)
+    if low_map.shape[-2:] != (LOW_RES, LOW_RES):
+        raise ValueError(f"low_map must be 64×64 (or uint8 maps to resample); got {tuple(low_map.shape)} {low_map.dtype}")
+    return low_map.float()
 
 
 def apply_device_geometry(batch: DeviceBatch, size: int, normalize: v2.Normalize | None = None,
@@ -156,9 +184,7 @@ def apply_device_geometry(batch: DeviceBatch, size: int, normalize: v2.Normalize
     height, width = image.shape[-2:]
     rows = blur_upsample_matrix(height, 0).to(image.device)
     cols = blur_upsample_matrix(width, 1).to(image.device)
-    if batch.low_map.shape[-2:] != (LOW_RES, LOW_RES):
-        raise ValueError(f"low_map must be 64×64; got {tuple(batch.low_map.shape)}")
-    human_map = rows @ batch.low_map.float() @ cols.T  # (N,1,H,W), the reference blur
+    human_map = rows @ low_maps(batch.low_map) @ cols.T  # (N,1,H,W), the reference blur
     out = crop_resize_flip(torch.cat([image, human_map], dim=1), batch.box, batch.flip, size)
     image, human_map = out[:, :3].clamp_(0.0, 1.0), out[:, 3:].clamp_(min=0.0)
     if map_normalization == "minmax":

@@ -118,7 +118,7 @@ def _resample_rows(x: Tensor, height: int, scratch: dict | None, name: str) -> T
     dtype (a uint8 map is converted to float only at 64 rows), then interpolated. (Picking
     whole rows is a copy; picking columns, an element-wise gather, costs ~2× more: columns
     are resampled as rows of the transpose.)"""
-    first, second, weight = _bilinear_taps(height)
+    first, second, weight = (t.to(x.device) for t in _bilinear_taps(height))  # no-op on the CPU
     if scratch is None:  # one map: fewest ops (the same values as with buffers)
         return x.index_select(-2, first).float().lerp_(x.index_select(-2, second).float(), weight[:, None])
     shape = x.shape[:-2] + (LOW_RES, x.shape[-1])

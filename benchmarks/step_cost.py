@@ -7,6 +7,10 @@ round by round so that machine noise hits them alike:
 - ``module_over_handwritten``: ``AlignedClassifier`` trained by a Lightning ``Trainer`` / a
   hand-written PyTorch loop doing the same math (target ≤ 1.05×).
 
+The networks are those of ``configs/digits.yaml`` (the JSON's headline) and of its unconstrained
+twin ``configs/digits_cnn_harmonized.yaml`` (``arch`` + ``arch_args``, read from the configs), with
+``AlignedClassifier``'s default objective and saliency.
+
     python benchmarks/step_cost.py --out benchmarks/results/step_cost.json
 """
 
@@ -20,6 +24,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import yaml
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
@@ -28,6 +33,8 @@ from harmonia.data import DecoyDigits, Sample
 from harmonia.losses import HarmonizationLoss
 from harmonia.models import build_model
 from harmonia.module import AlignedClassifier
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def batches(n_batches: int, batch_size: int, map_fraction: float) -> list[Sample]:
@@ -110,15 +117,22 @@ def time_lightning(module: AlignedClassifier, data: list[Sample]) -> list[float]
     return timer.times
 
 
-def measure(arch: str, batch_size: int, rounds: int, steps: int) -> dict[str, float]:
+def config_model(name: str) -> tuple[str, dict]:
+    """``(arch, arch_args)`` of a shipped config's model."""
+    model = yaml.safe_load((ROOT / "configs" / name).read_text())["model"]
+    return model["arch"], model.get("arch_args", {})
+
+
+def measure(arch: str, arch_args: dict, batch_size: int, rounds: int, steps: int) -> dict[str, float]:
     """Interleaved medians for one architecture."""
     torch.manual_seed(0)
     full, mixed = batches(steps, batch_size, 1.0), batches(steps, batch_size, 0.25)
-    plain_mod = AlignedClassifier(arch=arch, lambda_harmonization=0.0)
-    harm_mod = AlignedClassifier(arch=arch, lambda_harmonization=1.0)
-    mixed_mod = AlignedClassifier(arch=arch, lambda_harmonization=1.0)
-    light_mod = AlignedClassifier(arch=arch, lambda_harmonization=1.0, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
-    hand_model = build_model(arch, num_classes=10)
+    plain_mod = AlignedClassifier(arch=arch, arch_args=arch_args, lambda_harmonization=0.0)
+    harm_mod = AlignedClassifier(arch=arch, arch_args=arch_args, lambda_harmonization=1.0)
+    mixed_mod = AlignedClassifier(arch=arch, arch_args=arch_args, lambda_harmonization=1.0)
+    light_mod = AlignedClassifier(arch=arch, arch_args=arch_args, lambda_harmonization=1.0,
+                                  optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+    hand_model = build_model(arch, num_classes=10, **arch_args)
     opts = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in
             (("plain", plain_mod), ("harmonized", harm_mod), ("mixed25", mixed_mod), ("hand", hand_model))}
     samples: dict[str, list[float]] = {k: [] for k in ("plain", "harmonized", "mixed25", "handwritten", "lightning")}
@@ -154,10 +168,11 @@ def main() -> None:
                         help='"retain" (default): glibc keeps freed memory, as the harmonia command sets it (harmonia/allocator.py); "system": malloc untouched')
     args = parser.parse_args()
     malloc = "retain" if args.malloc == "retain" and retain_freed_memory() else "system"
-    per_arch = {arch: measure(arch, args.batch_size, args.rounds, args.steps) for arch in ("lipschitz_cnn", "cnn")}
+    models = {arch: args_ for arch, args_ in map(config_model, ("digits.yaml", "digits_cnn_harmonized.yaml"))}
+    per_arch = {arch: measure(arch, arch_args, args.batch_size, args.rounds, args.steps) for arch, arch_args in models.items()}
     default = per_arch["lipschitz_cnn"]
     result = {key: default[key] for key in ("harmonized_over_plain", "mixed25_over_plain", "module_over_handwritten")}
-    result.update({"model": "lipschitz_cnn (configs/digits.yaml)", "batch_size": args.batch_size, "threads": torch.get_num_threads(), "malloc": malloc, "per_arch": per_arch})
+    result.update({"model": "lipschitz_cnn (configs/digits.yaml)", "arch_args": models, "batch_size": args.batch_size, "threads": torch.get_num_threads(), "malloc": malloc, "per_arch": per_arch})
     print(f"\nbatch {args.batch_size}, {torch.get_num_threads()} threads, malloc {malloc}, medians of {args.rounds}×{args.steps - 1} interleaved steps")
     print("| model | plain ms | harmonized ms | 25% mapped ms | hand-written ms | Lightning ms | harmonized/plain (≤2.5) | mixed25/plain (≤1.5) | module/hand-written (≤1.05) |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -101,6 +101,9 @@ def test_uniform_scaled_maps_ship_as_pixels_and_resample_as_per_sample(tmp_path:
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
     with pytest.raises(ValueError, match="64×64"):
         low_maps(torch.zeros(1, 1, 32, 32))
+    # The device's step stays on the maps' device (a GPU in training; "meta" here: no data, same rules).
+    on_meta = low_maps(batched.low_map.to("meta"))
+    assert on_meta.device.type == "meta" and on_meta.shape == (4, 1, 64, 64) and on_meta.dtype == torch.float32
 
 
 @pytest.mark.parametrize("case, message", [

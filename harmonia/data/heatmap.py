@@ -86,7 +86,7 @@ def low_res_heatmap(heatmap: Tensor, scratch: dict | None = None) -> Tensor:
     height, width = heatmap.shape[-2:]
     if height % LOW_RES or width % LOW_RES:
         rows = _resample_rows(heatmap, height, scratch, "rows")
-        transposed = _buffer(scratch, "transposed", rows.shape[:-2] + (width, LOW_RES), torch.float32)
+        transposed = _buffer(scratch, "transposed", rows.shape[:-2] + (width, LOW_RES), torch.float32, rows.device)
         return _resample_rows(transposed.copy_(rows.transpose(-1, -2)), width, scratch, "cols").transpose(-1, -2)
     rows = _pick_columns(heatmap.transpose(-1, -2), height // LOW_RES).transpose(-1, -2)
     return _pick_columns(rows, width // LOW_RES)
@@ -102,10 +102,12 @@ def _bilinear_taps(size: int) -> tuple[Tensor, Tensor, Tensor]:
     return first, second, (source - first).float()
 
 
-def _buffer(scratch: dict | None, name: str, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
-    """An uninitialized tensor: fresh, or a reused one from ``scratch``."""
+def _buffer(scratch: dict | None, name: str, shape: Sequence[int], dtype: torch.dtype,
+            device: torch.device | str = "cpu") -> Tensor:
+    """An uninitialized tensor on ``device``: fresh, or a reused one from ``scratch`` (a CPU
+    reader's buffers)."""
     if scratch is None:
-        return torch.empty(shape, dtype=dtype)
+        return torch.empty(shape, dtype=dtype, device=device)
     numel = math.prod(shape)
     buffer = scratch.get(name)
     if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:

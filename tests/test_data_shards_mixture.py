@@ -151,8 +151,10 @@ def test_datamodule_reports_skipped_samples(tmp_path: Path) -> None:
 def test_clickme_config_trains_on_generated_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from harmonia.train import cli_main
 
-    records(tmp_path / "train" / "a.tfrecords", count=16, size=48, num_classes=10)
-    records(tmp_path / "val" / "a.tfrecords", count=6, size=48, num_classes=10, seed=1)
+    # 128 px: maps DCT-scaled to 64 px and shipped as uint8 pixels; a worker process hands the
+    # batches over in its recycled shared-memory blocks (the path a GPU run of this config takes).
+    records(tmp_path / "train" / "a.tfrecords", count=16, size=128, num_classes=10)
+    records(tmp_path / "val" / "a.tfrecords", count=6, size=128, num_classes=10, seed=1)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as printed:
         cli_main(["fit", "--config", str(ROOT / "configs" / "clickme_resnet50.yaml"), "--print_config"])
@@ -161,7 +163,7 @@ def test_clickme_config_trains_on_generated_records(tmp_path: Path, monkeypatch:
         "fit", "--config", str(ROOT / "configs" / "clickme_resnet50.yaml"),
         "--model.arch", "cnn", "--model.arch_args", json.dumps({"in_channels": 3, "input_size": 32, "widths": [8, 16], "hidden": 32}),
         "--model.num_classes", "10", "--data.num_classes", "10", "--data.image_size", "32", "--data.augment_on", "device",
-        "--data.train", "train", "--data.val", "val", "--data.batch_size", "8", "--data.num_workers", "0",
+        "--data.train", "train", "--data.val", "val", "--data.batch_size", "8", "--data.num_workers", "1",
         "--trainer.max_epochs", "1", "--trainer.logger", "false", "--trainer.accelerator", "cpu",
         "--trainer.devices", "1", "--trainer.enable_progress_bar", "false", "--test_after_fit", "false",
         "--trainer.callbacks", json.dumps([{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",

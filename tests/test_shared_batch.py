@@ -103,3 +103,25 @@ def test_a_leased_batch_pickled_in_its_own_process_is_a_plain_copy() -> None:
     assert pool.flags[block.slot] == 1  # still in use: only the receiving process releases it
     with pytest.raises(ValueError, match="view of the block"):
         lease(DeviceBatch(*fields[:5], torch.zeros(1, dtype=torch.bool)), block)
+
+
+def test_the_main_process_forgets_old_boards_but_never_one_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Boards of workers seen long ago are dropped (their workers must send them again: the
+    acknowledgement flag is cleared), except a board whose block the main process still holds."""
+    from harmonia.data import shared_batch as sb
+
+    monkeypatch.setattr(sb, "_boards", {})
+    monkeypatch.setattr(sb, "_held", [])
+    monkeypatch.setattr(sb, "_MAX_BOARDS", 3)
+    boards = [torch.zeros(sb.SLOTS + 1, dtype=torch.int32) for _ in range(5)]
+    held = torch.zeros(4, dtype=torch.uint8).untyped_storage()
+    sb._remember_board("w0", boards[0])
+    sb._held.append((sb.StorageWeakRef(held), sb._boards["w0"][1], 2))  # a batch of w0 still alive
+    boards[0][2] = 1
+    for k in range(1, 5):
+        sb._remember_board(f"w{k}", boards[k])
+    assert list(sb._boards) == ["w0", "w3", "w4"]  # w1, w2 forgotten; w0 kept: its block is held
+    assert [int(b[sb.SLOTS]) for b in boards] == [1, 0, 0, 1, 1]
+    del held
+    sb._release_dropped()
+    assert int(boards[0][2]) == 0 and sb._held == []  # the dropped batch's slot is free again

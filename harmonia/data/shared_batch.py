@@ -178,11 +178,15 @@ def _remember_board(token: str, board: Tensor) -> None:
     if token not in _boards:
         _boards[token] = (board, board.numpy())
     _boards[token][1][SLOTS] = 1
-    if len(_boards) > _MAX_BOARDS:
+    excess = len(_boards) - _MAX_BOARDS
+    if excess > 0:
         in_use = {id(flags) for _, flags, _ in _held}
-        for old in list(_boards)[: len(_boards) - _MAX_BOARDS]:
+        for old in list(_boards):  # oldest first
+            if excess == 0:
+                break
             if old != token and id(_boards[old][1]) not in in_use:
                 _boards.pop(old)[1][SLOTS] = 0
+                excess -= 1
 
 
 def _receive(base: type, typed: torch.TypedStorage, layout: list, sender: int, token: str, slot: int,
@@ -196,6 +200,8 @@ def _receive(base: type, typed: torch.TypedStorage, layout: list, sender: int, t
                 _remember_board(token, board)
             _release_dropped()
             known = _boards.get(token)
+            # None only if the board was forgotten while this batch was in flight (256 newer
+            # workers): its slot then stays taken, which costs that worker one fresh block per batch.
             if known is not None:
                 _held.append((StorageWeakRef(storage), known[1], slot))
     return base(*fields)

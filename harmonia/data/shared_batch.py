@@ -201,7 +201,7 @@ def _receive(base: type, typed: torch.TypedStorage, layout: list, sender: int, t
             _release_dropped()
             known = _boards.get(token)
             # None only if the board was forgotten while this batch was in flight (256 newer
-            # workers): its slot then stays taken, which costs that worker one fresh block per batch.
+            # workers): its slot then stays taken, and that worker has one block fewer to recycle.
             if known is not None:
                 _held.append((StorageWeakRef(storage), known[1], slot))
     return base(*fields)

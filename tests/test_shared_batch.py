@@ -125,3 +125,11 @@ def test_the_main_process_forgets_old_boards_but_never_one_in_use(monkeypatch: p
     del held
     sb._release_dropped()
     assert int(boards[0][2]) == 0 and sb._held == []  # the dropped batch's slot is free again
+
+
+def test_a_block_whose_batch_failed_goes_back_to_the_pool() -> None:
+    pool = worker_pool()
+    block = pool.acquire(128)
+    assert pool.flags[block.slot] == 1
+    block.release()
+    assert pool.flags[block.slot] == 0 and pool.acquire(64).slot == block.slot  # reused, not a fresh one

@@ -190,19 +190,25 @@ def read_decoded_batch(dataset: ClickMeRecords, indices: Sequence[int]) -> Colla
     batch = _Batch(len(indices), dataset.map_decode, dataset.scratch)
     rows: list[int | None] = []
     kept = 0
-    for i in indices:
-        try:
-            _read_into(dataset, int(i), batch, kept)
-        except BadSampleError as err:
-            if not dataset.skip_bad_samples:
-                raise
-            dataset.skips.add_skipped(err)
-            rows.append(None)
-            continue
-        rows.append(kept)
-        kept += 1
+    try:
+        for i in indices:
+            try:
+                _read_into(dataset, int(i), batch, kept)
+            except BadSampleError as err:
+                if not dataset.skip_bad_samples:
+                    raise
+                dataset.skips.add_skipped(err)
+                rows.append(None)
+                continue
+            rows.append(kept)
+            kept += 1
+        finished = batch.finish(kept)
+    except BaseException:
+        if batch.block is not None:  # the batch is not handed over: its block is free again
+            batch.block.release()
+        raise
     dataset.skips.add_read(kept)
-    return CollatedBatch(batch.finish(kept), rows, batch.block)
+    return CollatedBatch(finished, rows, batch.block)
 
 
 def _read_into(dataset: ClickMeRecords, i: int, batch: _Batch, row: int) -> None:

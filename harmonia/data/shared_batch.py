@@ -71,6 +71,11 @@ class Block:
         self.used += nbytes
         return view
 
+    def release(self) -> None:
+        """Give a block that was never handed over back to its pool (its batch failed)."""
+        if self.pool is not None:
+            self.pool.flags[self.slot] = 0
+
     def view_at(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """A contiguous ``shape`` tensor of ``dtype`` at byte ``offset`` (a span already taken,
         seen with another dtype or shape)."""

@@ -30,19 +30,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import yaml
 
 from harmonia.allocator import retain_freed_memory
 from harmonia.data import DecoyDigits, Sample
 from harmonia.models import export
 from harmonia.module import AlignedClassifier
 
-DIGITS_ARGS: dict[str, Any] = {"in_channels": 1, "input_size": 32, "widths": [32, 64], "hidden": 128, "pool": "l2", "head": "frobenius"}
+# The default digits model's constructor arguments, read from its config so that this stays true.
+DIGITS_ARGS: dict[str, Any] = yaml.safe_load(
+    (Path(__file__).resolve().parents[1] / "configs" / "digits.yaml").read_text())["model"]["arch_args"]
 # (label, registry name, constructor arguments); the first is the default digits model.
 MODELS: list[tuple[str, str, dict[str, Any]]] = [
     ("lipschitz_cnn (digits.yaml)", "lipschitz_cnn", DIGITS_ARGS),
     ("lipschitz_cnn head=spectral", "lipschitz_cnn", {**DIGITS_ARGS, "head": "spectral"}),
     ("lipschitz_cnn pool=invertible", "lipschitz_cnn", {**DIGITS_ARGS, "pool": "invertible"}),
-    ("lipschitz_cnn depth=2", "lipschitz_cnn", {**DIGITS_ARGS, "depth": 2}),
+    ("lipschitz_cnn depth=1", "lipschitz_cnn", {**DIGITS_ARGS, "depth": 1}),
     ("lipschitz_cnn backend=deel (before)", "lipschitz_cnn", {**DIGITS_ARGS, "backend": "deel"}),
 ]
 TWIN_IGNORES = ("backend", "bjorck_iterations", "power_iterations")

@@ -47,12 +47,14 @@ def _check(batch: DeviceBatch, ref: DeviceBatch) -> None:
     assert batch.box.shape == ref.box.shape and batch.flip.shape == ref.flip.shape
 
 
-def test_batches_kept_by_the_consumer_are_never_overwritten(records: ClickMeRecords) -> None:
+@pytest.mark.parametrize("context", ["fork", "spawn"])  # spawn: the pool and the leases survive pickling of everything
+def test_batches_kept_by_the_consumer_are_never_overwritten(records: ClickMeRecords, context: str) -> None:
     """Every batch is kept until the end (nothing is released): each must still hold its own
     records after the worker has produced all the later ones."""
     orders = [torch.randperm(len(records), generator=torch.Generator().manual_seed(e)).tolist() for e in range(3)]
     batches = [order[k : k + 8] for order in orders for k in range(0, len(order), 8)]
-    loader = DataLoader(records, batch_sampler=batches, num_workers=1, collate_fn=DeviceCollate(TRAIN.crop, TRAIN.hflip))
+    loader = DataLoader(records, batch_sampler=batches, num_workers=1, collate_fn=DeviceCollate(TRAIN.crop, TRAIN.hflip),
+                        multiprocessing_context=context)
     kept = list(loader)
     assert len(kept) == len(batches) == 15
     for batch, indices in zip(kept, batches):

@@ -135,3 +135,14 @@ def test_a_block_whose_batch_failed_goes_back_to_the_pool() -> None:
     assert pool.flags[block.slot] == 1
     block.release()
     assert pool.flags[block.slot] == 0 and pool.acquire(64).slot == block.slot  # reused, not a fresh one
+
+
+def test_plain_collate_of_a_device_dataset_is_leased_too(records: ClickMeRecords) -> None:
+    """collate_samples instead of DeviceCollate: the DecodedSample batch also travels as its block."""
+    from harmonia.data.collate import collate_samples
+
+    batches = [list(range(k, k + 8)) for k in range(0, len(records), 8)] * 3
+    for n, batch in enumerate(DataLoader(records, batch_sampler=batches, num_workers=1, collate_fn=collate_samples)):
+        expected = collate_samples(records.__getitems__(batches[n]))
+        assert type(batch) is type(expected) and all(torch.equal(a, b) for a, b in zip(batch, expected))
+        assert len({t.untyped_storage().data_ptr() for t in batch}) == 1

@@ -9,6 +9,7 @@ from torch.utils.data import default_collate
 
 from harmonia.data.errors import BadSampleError
 from harmonia.data.sample import Sample
+from harmonia.data.shared_batch import lease
 
 
 class CollatedBatch(Sequence):
@@ -43,8 +44,11 @@ def collate_samples(batch: Sequence[Sample | None]) -> Sample:
     """
     if isinstance(batch, CollatedBatch):
         if all(row is None for row in batch.rows):
+            if batch.block is not None:
+                batch.block.release()
             raise BadSampleError("batch", f"all {len(batch)} samples were bad (skip_bad_samples): check the data")
-        return batch.batch
+        # In a worker, a batch read into a recycled block travels as that block (shared_batch.py).
+        return batch.batch if batch.block is None else lease(batch.batch, batch.block)
     kept = [s for s in batch if s is not None]
     if not kept:
         raise BadSampleError("batch", f"all {len(batch)} samples were bad (skip_bad_samples): check the data")

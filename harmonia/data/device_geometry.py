@@ -136,12 +136,7 @@ class DeviceCollate:
     def __call__(self, samples: Sequence[DecodedSample | None]) -> DeviceBatch:
         """Collate one batch (in the block of a batch read by ``__getitems__``, when it has one)."""
         block = getattr(samples, "block", None)
-        try:
-            image, low_map, label = collate_samples(samples)
-        except BaseException:
-            if block is not None:  # e.g. every sample was bad: nothing is handed over
-                block.release()
-            raise
+        image, low_map, label = collate_samples(samples)  # (which gives the block back if it raises)
         n, height, width = image.shape[:3]
         box = draw_boxes(n, height, width, self.scale, self.ratio)
         flip = torch.rand(n) < self.hflip

@@ -23,6 +23,10 @@ How:
 - The board travels with the worker's batches until the main process acknowledges it
   (its last flag), then only its token does.
 
+Limit: only the process that received the batch is watched. A batch it passes on, uncopied, to
+a third process (through a ``torch.multiprocessing`` queue) is protected only while the
+receiving process still holds it too; copy it (``clone()``) before handing it on.
+
 Outside a DataLoader worker :func:`new_block` returns ordinary memory and :func:`lease`
 returns the batch unchanged.
 """

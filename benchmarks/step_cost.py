@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-import yaml
 import torch.nn.functional as F
+import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from harmonia.allocator import retain_freed_memory
@@ -168,7 +168,7 @@ def main() -> None:
                         help='"retain" (default): glibc keeps freed memory, as the harmonia command sets it (harmonia/allocator.py); "system": malloc untouched')
     args = parser.parse_args()
     malloc = "retain" if args.malloc == "retain" and retain_freed_memory() else "system"
-    models = {arch: args_ for arch, args_ in map(config_model, ("digits.yaml", "digits_cnn_harmonized.yaml"))}
+    models = dict(map(config_model, ("digits.yaml", "digits_cnn_harmonized.yaml")))  # arch → arch_args
     per_arch = {arch: measure(arch, arch_args, args.batch_size, args.rounds, args.steps) for arch, arch_args in models.items()}
     default = per_arch["lipschitz_cnn"]
     result = {key: default[key] for key in ("harmonized_over_plain", "mixed25_over_plain", "module_over_handwritten")}

@@ -165,6 +165,10 @@ class _Batch:
     def _low_maps(self, rows: int) -> torch.Tensor:
         """The 64-px float maps of a batch whose maps came different ways, in the block's map span."""
         kind = self.kind[:rows]
+        full = np.flatnonzero(kind == 2)
+        if len(full) == rows:  # one kind for the whole batch (exact maps): no gather, no temporary
+            self.low[:rows] = low_res_heatmap(self.full_maps[:rows].permute(0, 3, 1, 2), self.scratch).div_(255.0)
+            return self.low[:rows]
         low = torch.empty(rows, 1, LOW_RES, LOW_RES)  # all read before the span (which may hold them) is written
         in_span = np.flatnonzero(kind == 1)
         if len(in_span):
@@ -172,10 +176,7 @@ class _Batch:
             low[torch.from_numpy(in_span)] = low_res_heatmap(small).div_(255.0)
         for k in np.flatnonzero(kind == 3):
             low[k] = low_res_heatmap(torch.from_numpy(self.small[k]).permute(2, 0, 1)).div_(255.0)
-        full = np.flatnonzero(kind == 2)
-        if len(full) == rows:  # one kind for the whole batch: no gather
-            low = low_res_heatmap(self.full_maps[:rows].permute(0, 3, 1, 2), self.scratch).div_(255.0)
-        elif len(full):
+        if len(full):
             picked = self.full_maps[torch.from_numpy(full)].permute(0, 3, 1, 2)
             low[torch.from_numpy(full)] = low_res_heatmap(picked, self.scratch).div_(255.0)
         for k in np.flatnonzero(kind == 0):

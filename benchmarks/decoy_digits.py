@@ -1,23 +1,29 @@
-"""Decoy-digits benchmark: does harmonization remove the shortcut? (issue #2)
+"""Decoy-digits benchmark: does harmonization remove the shortcut?
 
 Every arm is built from a shipped config (``configs/digits*.yaml``, what ``harmonia fit
 --config`` trains), plus the command-line overrides shown in the table; the budget (epochs,
-optimizer, schedule, batch) is the config's. Baselines and oracles are their harmonized
-config with λ = 0 and, for oracles, random-shade training decoys, so the recipe and budget
-are the same by construction. 3 seeds each; a seed sets both the initialization and the
-data split (``seed_everything`` and ``data.seed``).
-- ``baseline``: the unconstrained CNN, λ = 0, decoyed training split (the shade tells the label);
-- ``harmonized_cnn``: the same CNN + the harmonization loss (configs/digits_cnn_harmonized.yaml);
+optimizer, schedule, batch) is the config's. Each architecture has its own baseline (its
+harmonized config with the penalty weights at 0: ``configs/digits_cnn_baseline.yaml``,
+``configs/digits_baseline.yaml``) and its own oracle (that baseline trained with random-shade
+decoys), so the recipe and budget are the same by construction and every harmonized arm is
+compared with the baseline *of its own architecture*. 3 seeds each; a seed sets both the
+initialization and the data split (``seed_everything`` and ``data.seed``).
+- ``baseline``: the unconstrained CNN, no penalty, decoyed training split (the shade tells the label);
+- ``baseline_lipschitz``: the same for the 1-Lipschitz CNN;
+- ``harmonized_cnn``: the CNN + the harmonization loss (configs/digits_cnn_harmonized.yaml);
 - ``harmonized_lipschitz``: the 1-Lipschitz CNN + the harmonization loss (configs/digits.yaml);
-- ``oracle``: the CNN, λ = 0, trained with random-shade decoys (no shortcut to learn);
-- ``oracle_lipschitz``: the same for the 1-Lipschitz CNN (configs/digits_baseline.yaml);
+- ``oracle`` / ``oracle_lipschitz``: each baseline trained with random-shade decoys (no shortcut);
 - ``harmonized_rrr_cnn``: harmonization + the RRR penalty (Ross et al. 2017) on the same CNN
   (configs/digits_cnn_harmonized_rrr.yaml);
 - ``harmonized_rrr_lipschitz``: the same for the 1-Lipschitz CNN (configs/digits_rrr.yaml);
-optional (``--variants``): ``rrr_cnn`` (RRR instead of harmonization, configs/digits_cnn_rrr.yaml),
-``baseline_lipschitz`` (configs/digits_baseline.yaml as is) and
-``harmonized_cnn_noshortcut`` (harmonization with random-shade training decoys: what the loss
-costs when there is no shortcut at all).
+optional (``--variants``): ``rrr_cnn`` (RRR instead of harmonization, configs/digits_cnn_rrr.yaml)
+and ``harmonized_cnn_noshortcut`` (harmonization with random-shade training decoys: what the
+loss costs when there is no shortcut at all).
+
+Targets, per architecture: a harmonized arm gains ≥ 15 points over its own baseline where that
+baseline falls ≥ 15 points below its oracle, and stays within 3 points of its own oracle
+everywhere. The 1-Lipschitz baseline's own gain over the CNN baseline is reported separately:
+the architecture resists the shortcut by itself.
 
 Reported: decoy-free test accuracy (test decoys have random shades) of the weights the CLI
 tests after fit (best validation accuracy; validation decoys are random too), and two probes
@@ -61,7 +67,6 @@ from harmonia.data.digits import label_shade
 from harmonia.train import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
-NO_HARMONIZATION = ("--model.lambda_harmonization=0",)
 RANDOM_DECOYS = ("--data.init_args.train_decoy=random",)
 
 
@@ -72,22 +77,39 @@ class Arm:
     config: str
     overrides: tuple[str, ...] = ()
     oracle: str = "oracle"
+    baseline: str = "baseline"
 
 
+_LIP = {"oracle": "oracle_lipschitz", "baseline": "baseline_lipschitz"}
 ARMS = {
-    "baseline": Arm("configs/digits_cnn_harmonized.yaml", NO_HARMONIZATION),
+    "baseline": Arm("configs/digits_cnn_baseline.yaml"),
+    "baseline_lipschitz": Arm("configs/digits_baseline.yaml", **_LIP),
     "harmonized_cnn": Arm("configs/digits_cnn_harmonized.yaml"),
-    "harmonized_lipschitz": Arm("configs/digits.yaml", oracle="oracle_lipschitz"),
-    "oracle": Arm("configs/digits_cnn_harmonized.yaml", NO_HARMONIZATION + RANDOM_DECOYS),
-    "oracle_lipschitz": Arm("configs/digits_baseline.yaml", RANDOM_DECOYS, oracle="oracle_lipschitz"),
+    "harmonized_lipschitz": Arm("configs/digits.yaml", **_LIP),
+    "oracle": Arm("configs/digits_cnn_baseline.yaml", RANDOM_DECOYS),
+    "oracle_lipschitz": Arm("configs/digits_baseline.yaml", RANDOM_DECOYS, **_LIP),
     "harmonized_rrr_cnn": Arm("configs/digits_cnn_harmonized_rrr.yaml"),
-    "harmonized_rrr_lipschitz": Arm("configs/digits_rrr.yaml", oracle="oracle_lipschitz"),
+    "harmonized_rrr_lipschitz": Arm("configs/digits_rrr.yaml", **_LIP),
     "rrr_cnn": Arm("configs/digits_cnn_rrr.yaml"),
-    "baseline_lipschitz": Arm("configs/digits_baseline.yaml", oracle="oracle_lipschitz"),
     "harmonized_cnn_noshortcut": Arm("configs/digits_cnn_harmonized.yaml", RANDOM_DECOYS),
 }
-DEFAULT_VARIANTS = ["baseline", "harmonized_cnn", "harmonized_rrr_cnn", "harmonized_lipschitz", "harmonized_rrr_lipschitz",
-                    "oracle", "oracle_lipschitz"]
+DEFAULT_VARIANTS = ["baseline", "baseline_lipschitz", "harmonized_cnn", "harmonized_rrr_cnn", "harmonized_lipschitz",
+                    "harmonized_rrr_lipschitz", "oracle", "oracle_lipschitz"]
+PENALIZED = ("harmonized_cnn", "harmonized_rrr_cnn", "harmonized_lipschitz", "harmonized_rrr_lipschitz", "rrr_cnn")
+
+
+def describe_penalties(module: torch.nn.Module) -> dict:
+    """The table's penalty columns read from the instantiated penalties (0 where absent)."""
+    by_kind = {type(p).__name__: p for p in module.penalties}
+    harm, rrr = by_kind.get("Harmonization"), by_kind.get("RightReasons")
+    return {
+        "lambda_harmonization": harm.weight if harm is not None else 0.0,
+        "harmonization_schedule": repr(harm.schedule) if harm is not None else None,
+        "first_level": harm.first_level if harm is not None else None,
+        "lambda_rrr": rrr.weight if rrr is not None else 0.0,
+        "saliency": harm.saliency.reduction if harm is not None else None,
+        "saliency_score": harm.saliency.score if harm is not None else None,
+    }
 
 
 @torch.no_grad()
@@ -133,12 +155,10 @@ def run(name: str, seed: int, epochs: int | None = None) -> tuple[dict[str, floa
         result = trainer.test(module, datamodule=data, ckpt_path="best", verbose=False)[0]  # loads the best weights
     out = {"acc": float(result["test/acc"]), "test_harmonization": float(result["test/harmonization"])}
     out.update(shortcut_probes(module.model, data.datasets["test"], seed))
-    hp = module.hparams
     described = {
-        "config": arm.config, "overrides": list(arm.overrides), "oracle": arm.oracle, "arch": hp.arch,
-        "objective": hp.objective, "lambda_harmonization": hp.lambda_harmonization, "lambda_rrr": hp.lambda_rrr,
-        "saliency": hp.saliency, "saliency_score": hp.saliency_score, "train_decoy": data.hparams.train_decoy,
-        "epochs": cli.trainer.max_epochs, "batch_size": data.hparams.batch_size,
+        "config": arm.config, "overrides": list(arm.overrides), "oracle": arm.oracle, "baseline": arm.baseline,
+        "arch": module.hparams.arch, "objective": type(module.objective).__name__, **describe_penalties(module),
+        "train_decoy": data.hparams.train_decoy, "epochs": cli.trainer.max_epochs, "batch_size": data.hparams.batch_size,
     }
     return out, described
 
@@ -210,16 +230,39 @@ def print_table(results: dict[str, dict], variants: list[str]) -> None:
               f"| {r['train_decoy']} | {100 * r['mean']:.1f}% ± {100 * r['std']:.1f} | {100 * r['acc_other_shade_mean']:.1f}% "
               f"| {100 * r['follows_decoy_mean']:.1f}% |")
     print("\nper seed:", {name: [round(100 * x["acc"], 1) for x in results[name]["runs"]] for name in variants})
-    if "baseline" in results:
-        for name in ("harmonized_cnn", "harmonized_rrr_cnn", "harmonized_lipschitz", "harmonized_rrr_lipschitz", "rrr_cnn"):
-            if name not in results:
-                continue
-            gain = 100 * (results[name]["mean"] - results["baseline"]["mean"])
-            line = f"\n{name}: {gain:+.1f} points over baseline (target ≥ +15)"
-            for oracle in dict.fromkeys(["oracle", results[name]["oracle"]]):
-                if oracle in results:
-                    line += f"; {100 * (results[oracle]['mean'] - results[name]['mean']):.1f} points below {oracle} (target ≤ 3)"
-            print(line)
+    print()
+    for line in target_lines(results):
+        print(line)
+
+
+def target_lines(results: dict[str, dict]) -> list[str]:
+    """Each penalized arm against the baseline and oracle of its own architecture, and the
+    1-Lipschitz architecture's own gain over the CNN baseline."""
+    lines = []
+    if "baseline" in results and "baseline_lipschitz" in results:
+        gain = 100 * (results["baseline_lipschitz"]["mean"] - results["baseline"]["mean"])
+        lines.append(f"architecture: baseline_lipschitz {gain:+.1f} points over the CNN baseline (no penalty; "
+                     "the 1-Lipschitz network resists the shortcut by itself)")
+    for name in PENALIZED:
+        if name not in results:
+            continue
+        arm = results[name]
+        base = arm.get("baseline", "baseline")
+        oracle = arm.get("oracle", "oracle")
+        parts = [name + ":"]
+        if base in results:
+            gain = 100 * (arm["mean"] - results[base]["mean"])
+            gap = 100 * (results[oracle]["mean"] - results[base]["mean"]) if oracle in results else None
+            if gap is None or gap >= 15:
+                verdict = "met" if gain >= 15 else "NOT met"
+                parts.append(f"{gain:+.1f} points over {base} (target ≥ +15: {verdict})")
+            else:
+                parts.append(f"{gain:+.1f} points over {base} ({base} is only {gap:.1f} below {oracle}: no gain target)")
+        if oracle in results:
+            below = 100 * (results[oracle]["mean"] - arm["mean"])
+            parts.append(f"{below:.1f} points below {oracle} (target ≤ 3: {'met' if below <= 3 else 'NOT met'})")
+        lines.append(" ".join(parts))
+    return lines
 
 
 def main() -> None:

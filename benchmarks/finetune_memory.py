@@ -54,13 +54,15 @@ def _one(variant: str, batch: int, size: int, device: str) -> dict[str, float]:
     import torch
 
     from harmonia.data.sample import Sample
+    from harmonia.losses import CrossEntropy, Harmonization
     from harmonia.module import AlignedClassifier
 
     warnings.filterwarnings("ignore")  # self.log without a Trainer
     torch.manual_seed(0)
     lam, checkpointing, frozen_bn = VARIANTS[variant]
     module = AlignedClassifier(arch="resnet18", num_classes=1000, arch_args={"checkpointing": checkpointing},
-                               lambda_harmonization=lam, objective_args={"label_smoothing": 0.1}).to(device)
+                               penalties=[Harmonization(lam)] if lam > 0 else [],
+                               objective=CrossEntropy(label_smoothing=0.1)).to(device)
     module.train()
     if frozen_bn:
         for m in module.modules():

@@ -34,6 +34,8 @@ import yaml
 
 from harmonia.allocator import retain_freed_memory
 from harmonia.data import DecoyDigits, Sample
+from harmonia.explain import Saliency
+from harmonia.losses import Harmonization
 from harmonia.models import export
 from harmonia.module import AlignedClassifier
 
@@ -61,7 +63,8 @@ def make_batch(batch_size: int, seed: int) -> Sample:
 def step_timer(arch: str, arch_args: dict[str, Any], lam: float) -> Callable[[Sample], float]:
     """A closure that runs one training step of a fresh module and returns its seconds."""
     torch.manual_seed(0)
-    module = AlignedClassifier(arch=arch, arch_args=arch_args, lambda_harmonization=lam, saliency="abs")
+    penalties = [Harmonization(lam, saliency=Saliency(reduction="mean_abs"))] if lam > 0 else []
+    module = AlignedClassifier(arch=arch, arch_args=arch_args, penalties=penalties)
     optimizer = torch.optim.Adam(module.parameters(), lr=2e-3)
 
     def step(batch: Sample) -> float:

@@ -1,15 +1,15 @@
-"""Cost of a harmonized training step (issue #2), measured side by side in one run.
+"""Cost of a harmonized training step, measured side by side in one run.
 
 Ratios of median step times (forward + backward + optimizer step), all variants interleaved
 round by round so that machine noise hits them alike:
-- ``harmonized_over_plain``: every sample carries a map / λ = 0 (target ≤ 2.5×);
+- ``harmonized_over_plain``: every sample carries a map / no penalty (target ≤ 2.5×);
 - ``mixed25_over_plain``: 25% of the batch carries maps (target ≤ 1.5×);
 - ``module_over_handwritten``: ``AlignedClassifier`` trained by a Lightning ``Trainer`` / a
   hand-written PyTorch loop doing the same math (target ≤ 1.05×).
 
 The networks are those of ``configs/digits.yaml`` (the JSON's headline) and of its unconstrained
 twin ``configs/digits_cnn_harmonized.yaml`` (``arch`` + ``arch_args``, read from the configs), with
-``AlignedClassifier``'s default objective and saliency.
+``AlignedClassifier``'s default objective and penalty (``Harmonization()``, the reference).
 
     python benchmarks/step_cost.py --out benchmarks/results/step_cost.json
 """
@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from harmonia.allocator import retain_freed_memory
 from harmonia.data import DecoyDigits, Sample
-from harmonia.losses import HarmonizationLoss
+from harmonia.losses import Harmonization, harmonization_error
 from harmonia.models import build_model
 from harmonia.module import AlignedClassifier
 
@@ -64,7 +64,6 @@ def time_module_steps(module: AlignedClassifier, data: list[Sample], optimizer: 
 
 def time_handwritten(model: torch.nn.Module, data: list[Sample], optimizer: torch.optim.Optimizer, lam: float) -> list[float]:
     """The same math as AlignedClassifier's harmonized step, written as a plain loop."""
-    harmonization = HarmonizationLoss()
     times = []
     for image, human_map, _, label in data:
         start = time.perf_counter()
@@ -72,7 +71,8 @@ def time_handwritten(model: torch.nn.Module, data: list[Sample], optimizer: torc
         logits = model(x)
         score = logits.gather(1, label[:, None]).sum()
         (grad,) = torch.autograd.grad(score, x, create_graph=True)
-        loss = F.cross_entropy(logits, label, label_smoothing=0.1) + lam * harmonization(grad.mean(1, keepdim=True), human_map, len(label))
+        harm = harmonization_error(grad.mean(1, keepdim=True), human_map).sum() / len(label)
+        loss = F.cross_entropy(logits, label, label_smoothing=0.1) + lam * harm
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -127,10 +127,10 @@ def measure(arch: str, arch_args: dict, batch_size: int, rounds: int, steps: int
     """Interleaved medians for one architecture."""
     torch.manual_seed(0)
     full, mixed = batches(steps, batch_size, 1.0), batches(steps, batch_size, 0.25)
-    plain_mod = AlignedClassifier(arch=arch, arch_args=arch_args, lambda_harmonization=0.0)
-    harm_mod = AlignedClassifier(arch=arch, arch_args=arch_args, lambda_harmonization=1.0)
-    mixed_mod = AlignedClassifier(arch=arch, arch_args=arch_args, lambda_harmonization=1.0)
-    light_mod = AlignedClassifier(arch=arch, arch_args=arch_args, lambda_harmonization=1.0,
+    plain_mod = AlignedClassifier(arch=arch, arch_args=arch_args, penalties=[])
+    harm_mod = AlignedClassifier(arch=arch, arch_args=arch_args, penalties=[Harmonization(1.0)])
+    mixed_mod = AlignedClassifier(arch=arch, arch_args=arch_args, penalties=[Harmonization(1.0)])
+    light_mod = AlignedClassifier(arch=arch, arch_args=arch_args, penalties=[Harmonization(1.0)],
                                   optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
     hand_model = build_model(arch, num_classes=10, **arch_args)
     opts = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in

@@ -12,8 +12,31 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from harmonia.losses import decayed_parameters
 from harmonia.models.parts import check_parts, head_names, part_of
+
+
+def decayed_parameters(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Split trainable parameters into (decayed, not decayed) as the reference's L2 term does.
+
+    The harmonization reference adds ``λ_w Σ ½‖W‖²`` over every trainable weight except
+    normalization, embedding and class-token parameters. With SGD, ``weight_decay=λ_w`` on the
+    first group is the same gradient.
+    """
+    skip_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
+    skip_words = ("norm", "embed", "class_token", "cls_token", "pos_embed")
+    decay, no_decay = [], []
+    for module_name, sub in module.named_modules():
+        for name, param in sub.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            # Parametrized layers (deel-torchlip) store the raw weight under "parametrizations";
+            # only the leaf names can match a normalization layer's.
+            leaf = f"{module_name}.{name}".lower().replace("parametrizations.", "")
+            if isinstance(sub, skip_types) or any(w in leaf for w in skip_words):
+                no_decay.append(param)
+            else:
+                decay.append(param)
+    return decay, no_decay
 
 
 def parameter_groups(model: nn.Module, lr_scales: dict[str, float] | None = None) -> list[dict[str, Any]]:
@@ -59,7 +82,7 @@ def apply_lr_scales(optimizer: Optimizer) -> Optimizer:
 class WarmupMultiStepLR(LRScheduler):
     """Linear warm-up, then the learning rate × ``gamma`` at each milestone (epochs, or steps).
 
-    The reference's schedule (SPEC §9: 5 warm-up epochs, ×0.1 at epochs 30, 60, 80) in one
+    The harmonization lab's schedule (5 warm-up epochs, ×0.1 at epochs 30, 60, 80) in one
     scheduler that a YAML file can name, which ``SequentialLR`` cannot (it takes scheduler
     instances). Factor at epoch ``e``: ``start + (1 - start) · e / warmup_epochs`` while
     ``e < warmup_epochs``, then ``gamma ** (number of milestones ≤ e)``.

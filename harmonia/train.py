@@ -1,6 +1,6 @@
 """The ``harmonia`` command: LightningCLI (``fit``/``validate``/``test``/``predict``) + ``models``.
 
-    harmonia fit --config configs/digits.yaml [--model.lambda_harmonization 2 --trainer.max_epochs 5]
+    harmonia fit --config configs/digits.yaml [--trainer.max_epochs 5 --data.batch_size 32]
     harmonia fit --config configs/digits.yaml --ckpt_path last     # resume an interrupted run
     harmonia test --config configs/digits.yaml --ckpt_path runs/digits/checkpoints/best.ckpt
     harmonia models                                                 # registered architectures
@@ -96,15 +96,13 @@ def print_summary(
     module: AlignedClassifier, metrics: dict[str, float], steps: int, epochs: int, ckpt: str | None, logs: str
 ) -> None:
     """Print the end-of-run table (rank zero only)."""
-    hp = module.hparams
-
     def fmt(key: str, pct: bool = False) -> str:
         if key not in metrics:
             return "n/a"
         return f"{100 * metrics[key]:.2f}%" if pct else f"{metrics[key]:.5f}"
 
     rows = [
-        ("model", f"{hp.arch} (objective {hp.objective}, λ_harmonization {hp.lambda_harmonization:g})"),
+        ("model", module.describe()),
         ("epochs / optimizer steps", f"{epochs} / {steps}"),
         ("train accuracy (last epoch)", fmt("train/acc_epoch" if "train/acc_epoch" in metrics else "train/acc", True)),
         ("validation accuracy", fmt("val/acc", True)),

@@ -10,9 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.decoy_digits import main, merge  # noqa: E402
 
-ARM = {"config": "configs/digits.yaml", "overrides": [], "oracle": "oracle_lipschitz", "arch": "lipschitz_cnn",
-       "objective": "tau_cross_entropy", "lambda_harmonization": 0.1, "lambda_rrr": 0.0, "saliency": "abs",
-       "saliency_score": "log_prob", "train_decoy": "label", "epochs": 30, "batch_size": 64}
+ARM = {"config": "configs/digits.yaml", "overrides": [], "oracle": "oracle_lipschitz", "baseline": "baseline_lipschitz",
+       "arch": "lipschitz_cnn", "objective": "TauCrossEntropy", "lambda_harmonization": 0.1, "lambda_rrr": 0.0,
+       "saliency": "mean_abs", "saliency_score": "log_prob", "train_decoy": "label", "epochs": 30, "batch_size": 64}
 
 
 def _part(tmp_path: Path, name: str, seeds: list[int], accs: list[float], **changes) -> Path:
@@ -44,6 +44,24 @@ def test_merge_cli_writes_the_interface(tmp_path: Path, monkeypatch: pytest.Monk
     main()
     result = json.loads(out.read_text())
     assert result["harmonized_lipschitz"]["mean"] == pytest.approx(0.8)
+
+
+def test_targets_compare_each_arm_with_its_own_architecture() -> None:
+    from benchmarks.decoy_digits import target_lines
+
+    def arm(mean: float, lipschitz: bool = False) -> dict:
+        return {"mean": mean, "oracle": "oracle_lipschitz" if lipschitz else "oracle",
+                "baseline": "baseline_lipschitz" if lipschitz else "baseline"}
+
+    results = {"baseline": arm(0.77), "oracle": arm(0.96), "harmonized_cnn": arm(0.935),
+               "baseline_lipschitz": arm(0.90, True), "oracle_lipschitz": arm(0.94, True),
+               "harmonized_lipschitz": arm(0.93, True)}
+    lines = target_lines(results)
+    assert lines[0].startswith("architecture: baseline_lipschitz +13.0 points over the CNN baseline")
+    assert "harmonized_cnn: +16.5 points over baseline (target ≥ +15: met) 2.5 points below oracle (target ≤ 3: met)" in lines
+    lipschitz = next(line for line in lines if line.startswith("harmonized_lipschitz"))
+    assert "+3.0 points over baseline_lipschitz (baseline_lipschitz is only 4.0 below oracle_lipschitz: no gain target)" in lipschitz
+    assert "1.0 points below oracle_lipschitz (target ≤ 3: met)" in lipschitz
 
 
 def test_a_fit_in_a_worker_process_equals_the_same_fit_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,6 @@ from harmonia.explain import (
     SmoothGrad,
     SobolAttribution,
     build_explainer,
-    gradient_saliency,
     list_explainers,
 )
 from harmonia.explain.plot import saliency_grid
@@ -43,7 +42,7 @@ def test_saliency_equals_reference() -> None:
     model, (x, y) = _model(), _batch()
     expected = torch.stack([_grad(model, x[i], int(y[i])).abs().amax(0, keepdim=True) for i in range(3)])
     torch.testing.assert_close(Saliency().attribute(model, x, y), expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(gradient_saliency(model, x, y), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(Saliency().attribute(model, x, y), expected, atol=1e-5, rtol=1e-5)
     signed = torch.stack([_grad(model, x[i], int(y[i])).mean(0, keepdim=True) for i in range(3)])
     torch.testing.assert_close(Saliency("mean").attribute(model, x, y), signed, atol=1e-5, rtol=1e-5)
 

@@ -19,6 +19,7 @@ from harmonia.callbacks import FinetuningSchedule
 from harmonia.data import DecoyDigitsDataModule, Sample
 from harmonia.models import build_model, checkpoint_segments, find_blocks
 from harmonia.models.checkpointing import chunk_batchnorms
+from harmonia.losses import Harmonization
 from harmonia.module import AlignedClassifier
 from harmonia.optim import WarmupMultiStepLR
 
@@ -52,7 +53,7 @@ def _twin(reference: AlignedClassifier, **arch_args: object) -> AlignedClassifie
     """The same weights and settings as ``reference`` with other model options."""
     hp = reference.hparams
     module = AlignedClassifier(arch=hp.arch, arch_args={**(hp.arch_args or {}), **arch_args}, num_classes=hp.num_classes,
-                               lambda_harmonization=reference.lambda_harmonization)
+                               penalties=[Harmonization(reference.penalties[0].weight)])
     module.load_state_dict(reference.state_dict())
     return module
 
@@ -73,7 +74,7 @@ def test_checkpointing_gives_the_same_harmonization_gradient_and_batchnorm_stati
     assert find_blocks(build_model("resnet18").net) == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
     torch.manual_seed(0)
     resnet = AlignedClassifier(arch="timm/test_resnet", arch_args={"layers": [2, 2, 1, 1]}, num_classes=10,
-                               lambda_harmonization=10.0)
+                               penalties=[Harmonization(10.0)])
     checkpointed = _twin(resnet, checkpointing=True)
     assert find_blocks(checkpointed.model.net) == ["layer1.0", "layer1.1", "layer2.0", "layer2.1"]
     # float64: the stem's BatchNorms run channel-chunked (other fp32 rounding, ~4e-5 relative),
@@ -87,11 +88,11 @@ def test_checkpointing_gives_the_same_harmonization_gradient_and_batchnorm_stati
         torch.testing.assert_close(checkpointed.state_dict()[key], value, atol=1e-12, rtol=1e-10, msg=key)
     # The test can fail: the harmonization term moves the gradient a lot at λ = 10.
     plain = _twin(resnet).double()
-    plain.lambda_harmonization = 0.0
+    plain.penalties[0].weight = 0.0
     assert _relative(_gradient(plain, batch), reference) > 0.5
 
     vit_args = {"input_size": 32, "drop_rate": 0.1, "proj_drop_rate": 0.1, "attn_drop_rate": 0.1}
-    vit = AlignedClassifier(arch="timm/test_vit", arch_args=vit_args, num_classes=10, lambda_harmonization=10.0)
+    vit = AlignedClassifier(arch="timm/test_vit", arch_args=vit_args, num_classes=10, penalties=[Harmonization(10.0)])
     batch = _batch(4, 32)
     assert _relative(_gradient(_twin(vit, checkpointing=True), batch), _gradient(vit, batch)) < 1e-5
 
@@ -123,7 +124,7 @@ def test_channel_chunked_batchnorm_matches_one_call_to_second_order(momentum: fl
 def test_channels_last_gives_the_same_harmonization_gradient() -> None:
     """fp32 NHWC vs NCHW, |Δg| / |g| ≤ 1e-5 (frozen BatchNorm statistics, see the next test)."""
     torch.manual_seed(0)
-    resnet = AlignedClassifier(arch="timm/test_resnet", num_classes=10, lambda_harmonization=10.0)
+    resnet = AlignedClassifier(arch="timm/test_resnet", num_classes=10, penalties=[Harmonization(10.0)])
     nhwc = _twin(resnet, channels_last=True)
     assert nhwc.model.net.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
     batch = _batch(4, 32)
@@ -147,7 +148,7 @@ def test_bf16_autocast_harmonization_gradient_is_close_to_fp32() -> None:
              ("timm/test_vit", {"input_size": 32}, _batch(4, 32), 0.995, 0.1)]
     for arch, args, batch, min_cosine, max_error in cases:
         torch.manual_seed(0)
-        module = AlignedClassifier(arch=arch, arch_args=args, num_classes=10, lambda_harmonization=10.0)
+        module = AlignedClassifier(arch=arch, arch_args=args, num_classes=10, penalties=[Harmonization(10.0)])
         exact = _gradient(module, batch, frozen_bn=True)
         bf16 = _gradient(_twin(module), batch, bf16=True, frozen_bn=True)
         cosine = float(torch.nn.functional.cosine_similarity(bf16, exact, dim=0))
@@ -231,7 +232,7 @@ class _Snapshots(pl.Callback):
 def test_finetuning_schedule_freezes_then_unfreezes_parts() -> None:
     """{0: [head], 1: [net.layer4], 2: [all]}, BatchNorm frozen too (train_bn false), SGD with decay."""
     torch.manual_seed(0)
-    module = AlignedClassifier(arch="timm/test_resnet", num_classes=10, lambda_harmonization=1.0,
+    module = AlignedClassifier(arch="timm/test_resnet", num_classes=10, penalties=[Harmonization(1.0)],
                                optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3))
     snaps = _Snapshots()
     schedule = FinetuningSchedule({0: ["head"], 1: ["net.layer4"], 2: ["all"]}, train_bn=False)
@@ -308,7 +309,7 @@ def test_worked_path_pretrain_save_load_and_finetune_with_the_shipped_config(tmp
     pretrain["trainer"].update(small, logger=False, callbacks=[
         {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint", "init_args": {"dirpath": "pre", "save_last": True}}])
     tiny = {"arch": "timm/test_resnet", "arch_args": {"layers": [2, 2, 1, 1]}}
-    pretrain["model"].update(tiny, lambda_harmonization=0.0)
+    pretrain["model"].update(tiny, penalties=[])
     pretrain["data"] = data
     (tmp_path / "pretrain.yaml").write_text(yaml.safe_dump(pretrain))
     cli_main(["fit", "--config", "pretrain.yaml", "--test_after_fit", "false"])

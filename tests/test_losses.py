@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from harmonia.losses import HarmonizationLoss, build_objective, gaussian_pyramid, standardize_cut
-from harmonia.losses.objectives import decayed_parameters
+from harmonia.explain import Saliency
+from harmonia.losses import HKR, CrossEntropy, Harmonization, TauCrossEntropy, gaussian_pyramid, standardize_cut
+from harmonia.optim import decayed_parameters
 from harmonia.models import build_model
 
 
@@ -75,9 +76,9 @@ def test_loss_equals_reference_transcription(size: int) -> None:
     tokens = np.array([1.0, 0.0, 1.0, 1.0])
     expected = np_harmonization(sal[:, 0].numpy(), human[:, 0].numpy(), tokens)
     mapped = torch.tensor([0, 2, 3])
-    got = HarmonizationLoss(token_normalization="batch")(sal[mapped], human[mapped], batch_size=4)
+    got = Harmonization(token_normalization="batch")(sal[mapped], human[mapped], batch_size=4)
     assert got.item() == pytest.approx(expected, rel=1e-10)
-    mapped_only = HarmonizationLoss(token_normalization="mapped")(sal[mapped], human[mapped])
+    mapped_only = Harmonization(token_normalization="mapped")(sal[mapped], human[mapped])
     assert mapped_only.item() == pytest.approx(expected * 4 / 3, rel=1e-10)
 
 
@@ -86,33 +87,33 @@ def test_first_level_compares_only_the_coarser_levels() -> None:
     sal = torch.randn(3, 1, 32, 32, generator=g, dtype=torch.float64)
     human = torch.rand(3, 1, 32, 32, generator=g, dtype=torch.float64)
     expected = np_harmonization(sal[:, 0].numpy(), human[:, 0].numpy(), np.ones(3), first=2)
-    assert HarmonizationLoss(first_level=2)(sal, human).item() == pytest.approx(expected, rel=1e-10)
+    assert Harmonization(first_level=2)(sal, human).item() == pytest.approx(expected, rel=1e-10)
     assert expected != pytest.approx(np_harmonization(sal[:, 0].numpy(), human[:, 0].numpy(), np.ones(3)))
     with pytest.raises(ValueError, match="first_level"):
-        HarmonizationLoss(levels=5, first_level=5)
+        Harmonization(levels=5, first_level=5)
 
 
 def test_identical_maps_give_zero_loss() -> None:
     m = torch.rand(3, 1, 16, 16)
-    assert HarmonizationLoss()(m, m).item() == pytest.approx(0.0, abs=1e-9)
+    assert Harmonization()(m, m).item() == pytest.approx(0.0, abs=1e-9)
 
 
 @pytest.mark.parametrize("kind", ["zeros", "constant"])
 def test_degenerate_maps_are_finite(kind: str) -> None:
     human = torch.zeros(2, 1, 16, 16) if kind == "zeros" else torch.full((2, 1, 16, 16), 0.7)
     sal = torch.randn(2, 1, 16, 16, requires_grad=True)
-    loss = HarmonizationLoss()(sal, human)
+    loss = Harmonization()(sal, human)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(sal.grad).all()
     # a constant saliency is as degenerate and must stay finite too
     flat = torch.zeros(2, 1, 16, 16, requires_grad=True)
-    loss = HarmonizationLoss()(flat, torch.rand(2, 1, 16, 16))
+    loss = Harmonization()(flat, torch.rand(2, 1, 16, 16))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(flat.grad).all()
 
 
 def test_bad_maps_raise_clear_errors() -> None:
-    loss = HarmonizationLoss()
+    loss = Harmonization()
     sal = torch.rand(2, 1, 8, 8)
     nan = torch.rand(2, 1, 8, 8)
     nan[1, 0, 3, 3] = float("nan")
@@ -127,18 +128,16 @@ def test_bad_maps_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match=r"\(N,1,H,W\)"):
         loss(sal, torch.rand(2, 3, 8, 8))
     with pytest.raises(ValueError, match="token_normalization"):
-        HarmonizationLoss(token_normalization="tokens")
+        Harmonization(token_normalization="tokens")
 
 
 @pytest.mark.parametrize("arch", ["lipschitz_cnn", "cnn"])
 def test_harmonization_gradient_reaches_parameters(arch: str) -> None:
-    from harmonia.explain import harmonization_saliency
-
     model = build_model(arch, widths=(8, 8), hidden=16)
     x = torch.rand(4, 1, 32, 32)
     y = torch.tensor([0, 1, 2, 3])
-    _, sal = harmonization_saliency(model, x, y, create_graph=True)
-    loss = HarmonizationLoss()(sal, torch.rand(4, 1, 32, 32))
+    sal = Saliency(score="logit", reduction="mean", create_graph=True).attribute(model, x, y)
+    loss = Harmonization()(sal, torch.rand(4, 1, 32, 32))
     loss.backward()
     # biases of piecewise-linear layers may get no or zero gradient (the saliency of a ReLU
     # net does not depend on the last bias); whatever arrives must be finite
@@ -151,15 +150,13 @@ def test_harmonization_gradient_reaches_parameters(arch: str) -> None:
 def test_objectives() -> None:
     logits = torch.randn(6, 10)
     labels = torch.randint(0, 10, (6,))
-    ce = build_objective("cross_entropy", label_smoothing=0.1)(logits, labels)
+    ce = CrossEntropy(label_smoothing=0.1)(logits, labels)
     torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1))
-    tau = build_objective("tau_cross_entropy", tau=5.0)(logits, labels)
+    tau = TauCrossEntropy(tau=5.0)(logits, labels)
     torch.testing.assert_close(tau, torch.nn.functional.cross_entropy(5 * logits, labels) / 5)
-    assert torch.isfinite(build_objective("hkr", alpha=0.9, min_margin=0.5)(logits, labels))
+    assert torch.isfinite(HKR(alpha=0.9, min_margin=0.5)(logits, labels))
     with pytest.raises(ValueError, match="alpha"):
-        build_objective("hkr", alpha=10.0)
-    with pytest.raises(ValueError, match="unknown objective"):
-        build_objective("focal")
+        HKR(alpha=10.0)
 
 
 def test_weight_decay_groups_skip_normalization() -> None:

@@ -1,12 +1,16 @@
-"""AlignedClassifier: one forward per sample, saliency only where maps exist, eval-mode grads."""
+"""AlignedClassifier: one forward per sample, gradients only where maps exist, composable penalties."""
 
 import pytest
 import pytorch_lightning as pl
 import torch
 
 from harmonia.data import DecoyDigitsDataModule, Sample
-from harmonia.explain import harmonization_saliency
+from harmonia.explain import Saliency
+from harmonia.losses import Cosine, Harmonization, RightReasons
 from harmonia.module import AlignedClassifier
+
+SMALL = {"widths": [8, 8], "hidden": 16}
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
 
 
 def _batch(n: int = 8, mapped: list[int] | None = None) -> Sample:
@@ -23,37 +27,96 @@ def _batch(n: int = 8, mapped: list[int] | None = None) -> Sample:
 
 @pytest.mark.parametrize("arch", ["cnn", "lipschitz_cnn"])
 def test_split_forward_matches_full_forward(arch: str) -> None:
-    module = AlignedClassifier(arch=arch, arch_args={"widths": [8, 8], "hidden": 16}).eval()
+    module = AlignedClassifier(arch=arch, arch_args=SMALL).eval()
+    penalty = module.penalties[0]
     image, _, has_map, label = _batch(8, mapped=[1, 4, 5])
-    logits, saliency, mapped = module.forward_with_saliency(image, label, has_map, create_graph=False)
+    logits, gradients, mapped = module.forward_with_gradients(image, label, has_map, [penalty], create_graph=False)
     with torch.no_grad():
         torch.testing.assert_close(logits, module.model(image), atol=1e-6, rtol=1e-6)
     assert mapped.tolist() == [1, 4, 5]
-    _, full = harmonization_saliency(module.model, image, label, create_graph=False)
-    torch.testing.assert_close(saliency, full[mapped], atol=1e-6, rtol=1e-5)
+    full = penalty.saliency.attribute(module.model, image, label)
+    torch.testing.assert_close(penalty.saliency.reduce(gradients[penalty.gradient_key]), full[mapped], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("score,reduction", [("logit", "mean"), ("log_prob", "mean_abs")])
+def test_the_penalty_trains_exactly_its_saliency_attribute(score: str, reduction: str) -> None:
+    """The map a monitor gets from ``penalty.saliency.attribute`` is the map the loss trains."""
+    saliency = Saliency(score=score, reduction=reduction)
+    module = AlignedClassifier(arch="cnn", arch_args=SMALL, penalties=[Harmonization(saliency=saliency)]).eval()
+    image, _, has_map, label = _batch(6)
+    _, gradients, _ = module.forward_with_gradients(image, label, has_map, list(module.penalties), create_graph=True)
+    trained = saliency.reduce(gradients[module.penalties[0].gradient_key])
+    torch.testing.assert_close(trained.detach(), saliency.attribute(module.model, image, label), atol=1e-6, rtol=1e-5)
 
 
 def test_batch_without_maps_skips_the_input_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
-    module = AlignedClassifier(arch="cnn")
+    module = AlignedClassifier(arch="cnn", penalties=[Harmonization(), RightReasons()])
     calls = []
     real = torch.autograd.grad
     monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or real(*a, **k))
     image, _, has_map, label = _batch(8, mapped=[])
-    logits, saliency, _ = module.forward_with_saliency(image, label, has_map, create_graph=True)
-    assert saliency is None and logits.shape == (8, 10) and not calls
+    logits, gradients, _ = module.forward_with_gradients(image, label, has_map, list(module.penalties), create_graph=True)
+    assert gradients == {} and logits.shape == (8, 10) and not calls
 
 
-def test_loss_is_objective_plus_lambda_harmonization() -> None:
+def test_loss_is_objective_plus_weighted_penalty() -> None:
     torch.manual_seed(0)
-    module = AlignedClassifier(arch="cnn", lambda_harmonization=3.0)
+    module = AlignedClassifier(arch="cnn", penalties=[Harmonization(weight=3.0)])
     batch = _batch(8, mapped=[0, 2])
     loss = module._step(batch, "train")
-    logits, saliency, mapped = module.forward_with_saliency(batch.image, batch.label, batch.has_map, True)
+    penalty = module.penalties[0]
+    logits, gradients, mapped = module.forward_with_gradients(batch.image, batch.label, batch.has_map, [penalty], True)
     objective = module.objective(logits, batch.label)
-    harm = module.harmonization(saliency, batch.human_map[mapped], 8)
+    harm = penalty(gradients[penalty.gradient_key], batch.human_map[mapped], 8)
     torch.testing.assert_close(loss, objective + 3.0 * harm)
     loss.backward()
     assert all(p.grad is not None for p in module.model.parameters() if p.ndim > 1)
+
+
+def _parameter_gradient(module: AlignedClassifier, batch: Sample) -> torch.Tensor:
+    module.zero_grad(set_to_none=True)
+    module._step(batch, "train").backward()
+    return torch.cat([p.grad.flatten() for p in module.model.parameters()])
+
+
+def test_penalties_compose_in_one_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Harmonization + RRR in one step equals the sum of each alone, with a single forward."""
+    torch.manual_seed(0)
+    both = AlignedClassifier(arch="cnn", arch_args=SMALL, penalties=[Harmonization(weight=2.0), RightReasons(weight=0.5)])
+    harm_only = AlignedClassifier(arch="cnn", arch_args=SMALL, penalties=[Harmonization(weight=2.0)])
+    rrr_only = AlignedClassifier(arch="cnn", arch_args=SMALL, penalties=[RightReasons(weight=0.5)])
+    plain = AlignedClassifier(arch="cnn", arch_args=SMALL, penalties=[])
+    for other in (harm_only, rrr_only, plain):
+        other.load_state_dict(both.state_dict())
+    batch = _batch(8, mapped=[0, 3, 5, 6])
+    forwards = []
+    handle = both.model.register_forward_hook(lambda *_: forwards.append(1))
+    loss = both._step(batch, "train")
+    handle.remove()
+    assert len(forwards) == 2  # one mapped and one unmapped sub-batch: every sample forwarded once
+    expected = harm_only._step(batch, "train") + rrr_only._step(batch, "train") - plain._step(batch, "train")
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
+    grads = [_parameter_gradient(m, batch) for m in (both, harm_only, rrr_only, plain)]
+    torch.testing.assert_close(grads[0], grads[1] + grads[2] - grads[3], atol=1e-5, rtol=1e-4)
+
+
+def test_penalties_sharing_a_gradient_take_it_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = AlignedClassifier(arch="cnn", arch_args=SMALL, penalties=[Harmonization(), Harmonization(first_level=2)])
+    assert module.penalty_names == ["harmonization", "harmonization_1"]
+    calls = []
+    real = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    module._step(_batch(4), "train")
+    assert len(calls) == 1
+
+
+def test_bad_penalties_are_refused() -> None:
+    with pytest.raises(TypeError, match=r"penalties\[0\]"):
+        AlignedClassifier(arch="cnn", penalties=[torch.nn.MSELoss()])
+    with pytest.raises(ValueError, match="weight must be >= 0"):
+        RightReasons(weight=-1.0)
+    with pytest.raises(ValueError, match="lr_scheduler_interval"):
+        AlignedClassifier(arch="cnn", lr_scheduler_interval="batch")
 
 
 def _trainer(**kwargs) -> pl.Trainer:
@@ -65,8 +128,8 @@ def _trainer(**kwargs) -> pl.Trainer:
 
 
 def test_standalone_validate_under_inference_mode_measures_harmonization() -> None:
-    """SPEC §10: a stand-alone validate runs under torch.inference_mode; grads must still work."""
-    module = AlignedClassifier(arch="lipschitz_cnn", arch_args={"widths": [8, 8], "hidden": 16})
+    """A stand-alone validate runs under torch.inference_mode; input gradients must still work."""
+    module = AlignedClassifier(arch="lipschitz_cnn", arch_args=SMALL, penalties=[Harmonization(weight=0.0)])
     data = DecoyDigitsDataModule(batch_size=32)
     result = _trainer(inference_mode=True, limit_val_batches=2).validate(module, datamodule=data, verbose=False)[0]
     assert result["val/harmonization"] > 0 and torch.isfinite(torch.tensor(result["val/harmonization"]))
@@ -74,16 +137,20 @@ def test_standalone_validate_under_inference_mode_measures_harmonization() -> No
     assert result["test/harmonization"] > 0
 
 
-def test_fp16_mixed_precision_is_refused() -> None:
+@pytest.mark.parametrize("penalties", [[Harmonization()], [RightReasons()], [Harmonization(0.0), RightReasons(0.1)]])
+def test_fp16_mixed_precision_is_refused_for_any_double_backward(penalties: list) -> None:
     # On CPU Lightning turns "16-mixed" into bf16 by itself, so present a GPU trainer's setting.
     from types import SimpleNamespace
 
-    module = AlignedClassifier(arch="cnn")
+    module = AlignedClassifier(arch="cnn", penalties=penalties)
     module._trainer = SimpleNamespace(precision="16-mixed")
     with pytest.raises(ValueError, match="bf16-mixed"):
         module.on_fit_start()
     module._trainer = SimpleNamespace(precision="bf16-mixed")
     module.on_fit_start()
+    untrained = AlignedClassifier(arch="cnn", penalties=[Harmonization(0.0)])
+    untrained._trainer = SimpleNamespace(precision="16-mixed")
+    untrained.on_fit_start()  # nothing is differentiated twice
 
 
 def test_fit_learns_and_logs_every_term() -> None:
@@ -92,7 +159,8 @@ def test_fit_learns_and_logs_every_term() -> None:
     trainer = _trainer(max_epochs=2, limit_val_batches=2)
     trainer.fit(module, datamodule=data)
     metrics = trainer.callback_metrics
-    for key in ("train/loss_epoch", "train/objective", "train/harmonization", "train/acc", "val/acc", "val/harmonization"):
+    for key in ("train/loss_epoch", "train/objective", "train/harmonization", "train/acc", "val/acc", "val/acc_macro",
+                "val/harmonization"):
         assert key in metrics, key
     assert metrics["train/acc"] > 0.5  # the decoyed training set is easy
 
@@ -111,21 +179,18 @@ def test_optimizer_and_scheduler_factories() -> None:
     assert n_params == len(list(module.model.parameters()))
 
 
-def test_lambda_schedule_decays_by_cosine_to_its_end_scale() -> None:
+def test_weight_schedule_decays_by_cosine_to_its_end_scale() -> None:
     from types import SimpleNamespace
 
-    module = AlignedClassifier(arch="cnn", arch_args={"widths": [8, 8], "hidden": 16},
-                               lambda_harmonization=2.0, lambda_end_scale=0.2)
-    assert module.current_lambda() == 2.0  # outside a fit: the configured λ
-    lambdas = []
+    module = AlignedClassifier(arch="cnn", arch_args=SMALL, penalties=[Harmonization(2.0, schedule=Cosine(0.2))])
+    penalty = module.penalties[0]
+    assert module.progress() == 0.0 and penalty.weight_at(module.progress()) == 2.0  # outside a fit
+    weights = []
     for step in range(5):
         module._trainer = SimpleNamespace(estimated_stepping_batches=5, global_step=step)
-        lambdas.append(module.current_lambda())
+        weights.append(penalty.weight_at(module.progress()))
     # cosine from 2.0 at the first step to 0.2·2.0 at the last, through the midpoint 1.2
-    assert lambdas == pytest.approx([2.0, 2.0 - 1.6 * (1 - 0.5 ** 0.5) / 2, 1.2, 0.4 + 1.6 * (1 - 0.5 ** 0.5) / 2, 0.4])
-    off = AlignedClassifier(arch="cnn", arch_args={"widths": [8, 8], "hidden": 16}, lambda_harmonization=0.0,
-                            lambda_end_scale=5.0)
-    off._trainer = SimpleNamespace(estimated_stepping_batches=5, global_step=4)
-    assert off.current_lambda() == 0.0  # λ = 0 (baselines) stays off whatever the scale
-    with pytest.raises(ValueError, match="lambda_end_scale"):
-        AlignedClassifier(arch="cnn", lambda_end_scale=-1.0)
+    assert weights == pytest.approx([2.0, 2.0 - 1.6 * (1 - 0.5 ** 0.5) / 2, 1.2, 0.4 + 1.6 * (1 - 0.5 ** 0.5) / 2, 0.4])
+    assert Harmonization(0.0, schedule=Cosine(5.0)).weight_at(1.0) == 0.0  # weight 0 stays off
+    with pytest.raises(ValueError, match="end_scale"):
+        Cosine(-1.0)

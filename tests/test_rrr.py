@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from harmonia.data import Sample
-from harmonia.explain import class_score
-from harmonia.losses.rrr import RightReasonsLoss, irrelevance_mask, log_prob_sum
+from harmonia.explain import Saliency, class_score
+from harmonia.losses import Harmonization, RightReasons, irrelevance_mask
 from harmonia.module import AlignedClassifier
+
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
 
 
 def test_rrr_hand_case() -> None:
@@ -16,25 +18,25 @@ def test_rrr_hand_case() -> None:
     torch.testing.assert_close(mask, torch.tensor([[[[0.0, 1.0], [0.5, 1.0]]]]), atol=1e-6, rtol=0)
     grad = torch.tensor([[[[5.0, 1.0], [2.0, -3.0]]]])
     # (0·5)² + (1·1)² + (0.5·2)² + (1·-3)² = 0 + 1 + 1 + 9
-    assert RightReasonsLoss()(grad, human).item() == pytest.approx(11.0, rel=1e-5)
+    assert RightReasons()(grad, human).item() == pytest.approx(11.0, rel=1e-5)
     # batch normalization divides the summed penalties by the batch size, mapped by M
     two = torch.cat([grad, 2 * grad])
     maps = human.expand(2, -1, -1, -1)
-    assert RightReasonsLoss("batch")(two, maps, batch_size=5).item() == pytest.approx((11 + 44) / 5, rel=1e-5)
-    assert RightReasonsLoss("mapped")(two, maps, batch_size=5).item() == pytest.approx((11 + 44) / 2, rel=1e-5)
+    assert RightReasons(token_normalization="batch")(two, maps, batch_size=5).item() == pytest.approx((11 + 44) / 5, rel=1e-5)
+    assert RightReasons(token_normalization="mapped")(two, maps, batch_size=5).item() == pytest.approx((11 + 44) / 2, rel=1e-5)
 
 
 def test_rrr_zero_map_penalizes_everything_and_bad_maps_raise() -> None:
     grad = torch.randn(2, 3, 4, 4)
-    assert RightReasonsLoss()(grad, torch.zeros(2, 1, 4, 4)).item() == pytest.approx(grad.pow(2).sum().item() / 2, rel=1e-5)
+    assert RightReasons()(grad, torch.zeros(2, 1, 4, 4)).item() == pytest.approx(grad.pow(2).sum().item() / 2, rel=1e-5)
     bad = torch.rand(2, 1, 4, 4)
     bad[1, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"NaN.*samples \[1\]"):
-        RightReasonsLoss()(grad, bad)
+        RightReasons()(grad, bad)
     with pytest.raises(ValueError, match="does not match"):
-        RightReasonsLoss()(grad, torch.rand(2, 1, 8, 8))
+        RightReasons()(grad, torch.rand(2, 1, 8, 8))
     with pytest.raises(ValueError, match="batch_size"):
-        RightReasonsLoss()(grad, torch.rand(2, 1, 4, 4), batch_size=1)
+        RightReasons()(grad, torch.rand(2, 1, 4, 4), batch_size=1)
 
 
 def test_log_prob_score_sees_the_other_logits() -> None:
@@ -59,31 +61,37 @@ def _batch(n: int = 6) -> Sample:
 
 
 def test_module_rrr_term_matches_the_loss_and_trains_every_weight() -> None:
-    module = AlignedClassifier(arch="cnn", arch_args={"widths": [8, 8], "hidden": 16}, lambda_harmonization=0.0, lambda_rrr=0.5)
+    module = AlignedClassifier(arch="cnn", arch_args={"widths": [8, 8], "hidden": 16}, penalties=[RightReasons(0.5)])
     batch = _batch()
     loss = module._step(batch, "train")
     mapped = batch.has_map.nonzero().flatten()
     x = batch.image[mapped].clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(log_prob_sum(module.model(x)), x, create_graph=True)
-    expected = module.objective(module.model(batch.image), batch.label) + 0.5 * RightReasonsLoss()(g, batch.human_map[mapped], len(batch.label))
+    (g,) = torch.autograd.grad(module.model(x).log_softmax(-1).sum(), x, create_graph=True)
+    expected = module.objective(module.model(batch.image), batch.label) + 0.5 * RightReasons()(g, batch.human_map[mapped], len(batch.label))
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.model.parameters() if p.ndim > 1)
 
 
 def test_bad_options_are_refused() -> None:
-    for bad in ({"lambda_rrr": -1.0}, {"saliency_score": "prob"}, {"lr_scheduler_interval": "batch"}):
-        with pytest.raises(ValueError):
-            AlignedClassifier(arch="cnn", **bad)
+    with pytest.raises(ValueError, match="weight"):
+        RightReasons(-1.0)
+    with pytest.raises(ValueError, match="score"):
+        Saliency(score="prob")
+    with pytest.raises(TypeError, match="Saliency"):
+        Harmonization(saliency="abs")
 
 
 def test_module_log_prob_saliency_and_step_scheduler() -> None:
     module = AlignedClassifier(
-        arch="cnn", arch_args={"widths": [8, 8], "hidden": 16}, saliency="abs", saliency_score="log_prob",
+        arch="cnn", arch_args={"widths": [8, 8], "hidden": 16},
+        penalties=[Harmonization(saliency=Saliency(score="log_prob", reduction="mean_abs"))],
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100), lr_scheduler_interval="step",
     )
     image, _, has_map, label = _batch()
-    _, saliency, mapped = module.forward_with_saliency(image, label, has_map, create_graph=False)
+    penalty = module.penalties[0]
+    _, gradients, mapped = module.forward_with_gradients(image, label, has_map, [penalty], create_graph=False)
+    saliency = penalty.saliency.reduce(gradients[penalty.gradient_key])
     x = image[mapped].clone().requires_grad_(True)
     (g,) = torch.autograd.grad(module.model(x).log_softmax(-1).gather(1, label[mapped, None]).sum(), x)
     torch.testing.assert_close(saliency, g.abs().mean(1, keepdim=True))

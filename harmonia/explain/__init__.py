@@ -1,12 +1,7 @@
 """Attribution methods (plain PyTorch): ``method.attribute(model, x, target) -> (N,1,H,W)``."""
 
 from harmonia.explain.base import Explainer, reduce_channels
-from harmonia.explain.gradient import (
-    class_score,
-    gradient_saliency,
-    harmonization_saliency,
-    input_gradient,
-)
+from harmonia.explain.gradient import class_score, input_gradient
 from harmonia.explain.integrated_gradients import IntegratedGradients
 from harmonia.explain.registry import EXPLAINERS, build_explainer, list_explainers
 from harmonia.explain.saliency import Saliency, SmoothGrad
@@ -21,8 +16,6 @@ __all__ = [
     "SobolAttribution",
     "build_explainer",
     "class_score",
-    "gradient_saliency",
-    "harmonization_saliency",
     "input_gradient",
     "list_explainers",
     "reduce_channels",

@@ -3,7 +3,7 @@
 One verb, as in captum: ``method.attribute(model, x, target) -> (N,1,H,W)``. ``x`` is a batch of
 images ``(N,C,H,W)`` on the model's device (in [0, 1] before any normalization: Harmonia's
 models own their normalization), ``target`` the class to explain per image ``(N,)``. The score
-explained is the target's raw logit (SPEC §1/§6), never a softmax.
+explained is the target's raw logit unless a method says otherwise, never a softmax.
 
 Promises of every method, tested in ``tests/test_explain.py``:
 - it works when called from ``torch.no_grad`` or ``torch.inference_mode`` (Lightning's
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from harmonia.explain.gradient import class_score, input_gradient
+from harmonia.explain.gradient import Score, class_score, input_gradient
 
 Reduction = Literal["max_abs", "mean_abs", "mean", "sum"]
 _REDUCERS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -49,9 +49,9 @@ def check_reduction(reduction: str) -> Reduction:
 def reduce_channels(attribution: Tensor, reduction: Reduction) -> Tensor:
     """Reduce ``(N,C,H,W)`` per-channel attributions to a ``(N,1,H,W)`` map.
 
-    ``max_abs``: Xplique ``Saliency`` (SPEC §3); ``mean_abs``: the ``saliency: abs`` map the
-    harmonization loss trains; ``mean``: the reference loss's signed map and Xplique's default
-    reducer; ``sum``: keeps Integrated Gradients' completeness (Σ map = f(x) − f(baseline)).
+    ``max_abs``: Xplique's ``Saliency``; ``mean_abs``: the unsigned mean, which penalizes
+    sensitivity of either sign; ``mean``: the harmonization reference's signed map and Xplique's
+    default reducer; ``sum``: keeps Integrated Gradients' completeness (Σ map = f(x) − f(baseline)).
     """
     return _REDUCERS[check_reduction(reduction)](attribution)
 
@@ -77,7 +77,7 @@ def check_positive(**values: float) -> None:
 
 @contextmanager
 def gradients_on() -> Iterator[None]:
-    """Enable autograd even inside ``no_grad``/``inference_mode`` callers (SPEC §10)."""
+    """Enable autograd even inside ``no_grad``/``inference_mode`` callers (Lightning's stand-alone ``validate``)."""
     with torch.inference_mode(False), torch.enable_grad():
         yield
 
@@ -93,8 +93,9 @@ def batched_gradients(
     make_inputs: Callable[[slice], tuple[Tensor, Tensor]],
     total: int,
     batch_size: int,
+    score: Score = "logit",
 ) -> Iterator[tuple[slice, Tensor]]:
-    """Yield ``(slice, ∂ logit_target / ∂ inputs)`` for ``total`` inputs built chunk by chunk.
+    """Yield ``(slice, ∂ score_target / ∂ inputs)`` for ``total`` inputs built chunk by chunk.
 
     ``make_inputs(slice)`` returns ``(inputs, targets)`` for those positions; building them per
     chunk keeps memory at ``batch_size`` inputs however many perturbations a method needs.
@@ -105,7 +106,7 @@ def batched_gradients(
         with gradients_on():
             inputs, targets = make_inputs(part)
             inputs = inputs.detach().clone().requires_grad_(True)  # clone: no inference tensors
-            grad = input_gradient(model(inputs), inputs, targets)
+            grad = input_gradient(model(inputs), inputs, targets, score=score)
         yield part, grad
 
 

@@ -6,15 +6,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 from harmonia.explain.base import Explainer
 from harmonia.explain.integrated_gradients import IntegratedGradients
 from harmonia.explain.saliency import Saliency, SmoothGrad
 from harmonia.explain.sobol import SobolAttribution
-
-T = TypeVar("T")
+from harmonia.registry import construct, describe
 
 EXPLAINERS: dict[str, type[Explainer]] = {
     "saliency": Saliency,
@@ -24,19 +22,6 @@ EXPLAINERS: dict[str, type[Explainer]] = {
 }
 
 
-def construct(registry: Mapping[str, Callable[..., T]], kind: str, name: str, kwargs: dict[str, Any]) -> T:
-    """``registry[name](**kwargs)`` with errors that name the ``kind`` and the entry.
-
-    Shared by ``build_explainer`` and ``harmonia.metrics.build_metric``.
-    """
-    if name not in registry:
-        raise ValueError(f"unknown {kind} {name!r}; registered: {', '.join(registry)}")
-    try:
-        return registry[name](**kwargs)
-    except (TypeError, ValueError) as error:  # an unknown or bad argument (torchmetrics: ValueError)
-        raise type(error)(f"{kind} {name!r}: {error}") from None
-
-
 def build_explainer(name: str, **kwargs: Any) -> Explainer:
     """Construct the method registered as ``name`` with its keyword arguments."""
     return construct(EXPLAINERS, "attribution method", name, kwargs)
@@ -44,4 +29,4 @@ def build_explainer(name: str, **kwargs: Any) -> Explainer:
 
 def list_explainers() -> dict[str, str]:
     """Registered names with the first line of each method's docstring."""
-    return {name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in EXPLAINERS.items()}
+    return describe(EXPLAINERS)

@@ -1,8 +1,7 @@
-"""Gradient saliency and SmoothGrad as ``attribute(model, x, target)`` methods (SPEC §3, §6).
+"""Gradient saliency and SmoothGrad as ``attribute(model, x, target)`` methods.
 
-Both read the same input gradient ``∂ logit_y / ∂x`` as the harmonization loss
-(``harmonia.explain.gradient``); they differ only in where it is taken (at ``x``, or averaged
-over noisy copies of ``x``) and in how channels are reduced to one map.
+Both read the input gradient of ``harmonia.explain.gradient``; they differ only in where it is
+taken (at ``x``, or averaged over noisy copies of ``x``) and in how channels are reduced.
 """
 
 from __future__ import annotations
@@ -10,29 +9,64 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from harmonia.explain.base import Explainer, Reduction, batched_gradients, check_positive, check_reduction, reduce_channels
+from harmonia.explain.base import (
+    Explainer,
+    Reduction,
+    batched_gradients,
+    check_positive,
+    check_reduction,
+    gradients_on,
+    reduce_channels,
+)
+from harmonia.explain.gradient import SCORES, Score, class_score, input_gradient
 
 
 class Saliency(Explainer):
-    """Input-gradient saliency, the map the harmonization loss trains and ClickMe scores.
+    """Input-gradient saliency: the map the harmonization penalty trains and the monitors score.
+
+    ``map = reduce(∂ score_y(x) / ∂x)`` with ``score`` the target's raw logit or its
+    log-probability. The harmonization penalty (``harmonia.losses.Harmonization``) owns one of
+    these and calls ``score_of`` and ``reduce`` on the gradient of its own training forward, so
+    ``attribute`` with the same object gives exactly the map the loss trains.
 
     Args:
         reduction: channel reduction (``harmonia.explain.base.reduce_channels``). Default
-            ``max_abs`` is Xplique's ``Saliency`` and the harmonization paper's evaluation
-            explainer (SPEC §3); ``mean_abs`` is the map of ``AlignedClassifier(saliency="abs")``
-            and ``mean`` the reference loss's signed map.
+            ``max_abs``: Xplique's ``Saliency`` and the harmonization paper's evaluation
+            explainer; ``mean`` is the reference loss's signed map; ``mean_abs`` penalizes any
+            sensitivity, whatever its sign.
+        score: ``logit`` (the harmonization reference and the ClickMe evaluation) or
+            ``log_prob`` (see ``harmonia.explain.gradient.class_score``).
+        create_graph: keep ``attribute``'s maps differentiable w.r.t. the model's parameters
+            (for a loss written by hand); the training penalty decides this itself.
         batch_size: images per forward/backward.
     """
 
-    def __init__(self, reduction: Reduction = "max_abs", batch_size: int = 64) -> None:
+    def __init__(
+        self, reduction: Reduction = "max_abs", score: Score = "logit", create_graph: bool = False, batch_size: int = 64
+    ) -> None:
         super().__init__(batch_size)
-        self.reduction = check_reduction(reduction)
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}; got {score!r}")
+        self.score, self.reduction, self.create_graph = score, check_reduction(reduction), bool(create_graph)
+
+    def score_of(self, logits: Tensor, target: Tensor) -> Tensor:
+        """The per-sample score ``(N,)`` whose input gradient this saliency reads."""
+        return class_score(logits, target, self.score)
+
+    def reduce(self, gradient: Tensor) -> Tensor:
+        """``(N,C,H,W)`` input gradient → ``(N,1,H,W)`` map."""
+        return reduce_channels(gradient, self.reduction)
 
     def _attribute(self, model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+        if self.create_graph:
+            with gradients_on():
+                inputs = x.detach().requires_grad_(True)
+                grad = input_gradient(model(inputs), inputs, target, create_graph=True, score=self.score)
+            return self.reduce(grad)
         grads = torch.empty_like(x, dtype=torch.float32)
-        for part, grad in batched_gradients(model, lambda s: (x[s], target[s]), len(x), self.batch_size):
+        for part, grad in batched_gradients(model, lambda s: (x[s], target[s]), len(x), self.batch_size, self.score):
             grads[part] = grad.float()
-        return reduce_channels(grads, self.reduction)
+        return self.reduce(grads)
 
 
 class SmoothGrad(Explainer):

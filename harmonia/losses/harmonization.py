@@ -1,20 +1,19 @@
 """Harmonization loss (Fel, Linsley et al., NeurIPS 2022), in plain PyTorch.
 
 Semantics follow the reference TF code (serre-lab/harmonization, ``training/loss.py`` and
-``training/pyramid.py``); see SPEC.md §1. The loss takes saliency maps that the caller has
-computed (``harmonia.explain.gradient.harmonization_saliency``) so that it can be used on any
-model, with or without Lightning.
+``training/pyramid.py``). ``harmonization_error`` scores saliency maps the caller computed, on
+any model, with or without Lightning; the ``Harmonization`` penalty is what
+``AlignedClassifier`` trains with.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-TokenNormalization = Literal["batch", "mapped"]
+from harmonia.explain.saliency import Saliency
+from harmonia.losses.penalty import Penalty, Schedule, TokenNormalization
 
 # 5x5 binomial kernel outer([1,4,6,4,1])/256, the reference pyramid's low-pass filter.
 _BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])
@@ -84,64 +83,84 @@ def check_maps(saliency: Tensor, human_maps: Tensor) -> None:
         raise ValueError(f"human maps contain negative values (samples {bad} of this batch)")
 
 
-class HarmonizationLoss(nn.Module):
-    """Pyramidal MSE between standardized-cut saliency maps and rescaled human maps.
+def harmonization_error(saliency: Tensor, human_maps: Tensor, levels: int = 5, first_level: int = 0) -> Tensor:
+    """Per-sample harmonization error ``(M,)`` between saliency maps and human maps, both ``(M,1,H,W)``.
 
-    ``forward(saliency, human_maps, batch_size)`` takes the maps of the *mapped* samples only
-    (``M`` of them) and returns the unweighted harmonization term (multiply by λ outside).
+    Both maps are standardized and cut at zero; the human map is rescaled to the saliency's
+    peak, and the pyramidal MSE compares them at levels ``first_level..levels-1``.
+    """
+    saliency = standardize_cut(saliency)
+    human = standardize_cut(human_maps)
+    # The peak is a constant (stop-gradient) so that the model cannot lower the loss by
+    # shrinking its own saliency.
+    peak = saliency.amax(dim=(-2, -1), keepdim=True).detach() + 1e-6
+    human = human / (human.amax(dim=(-2, -1), keepdim=True) + 1e-6) * peak
+    return pyramidal_mse(saliency, human, levels, first_level)
+
+
+class Harmonization(Penalty):
+    """The harmonization penalty: the model's saliency pushed towards human maps through a pyramid.
+
+    ``forward(gradient, human_maps, batch_size)`` turns the input gradient of the ``M`` mapped
+    samples into their saliency (``saliency.reduce``) and returns the unweighted term
+    ``Σ_m harmonization_error_m / batch_size`` (``token_normalization: batch``, the reference
+    number) or ``/ M`` (``mapped``).
 
     Args:
-        levels: pyramid levels compared (the reference compares 5: levels 0..4).
-        token_normalization: ``"batch"`` divides the summed per-sample errors by the full batch
-            size, reproducing the reference number exactly (it averages over token-0 samples
-            too, so the term shrinks when few samples carry maps); ``"mapped"`` divides by ``M``.
+        weight: λ of the term (the reference: 1 with cross-entropy).
+        saliency: the map trained, a ``harmonia.explain.Saliency``; its ``score`` picks the
+            differentiated score and its ``reduction`` the channel reduction. Default
+            ``Saliency(score="logit", reduction="mean")``: the reference's signed channel mean
+            of the true logit's gradient. Standardize-cut then ignores negative evidence, so a
+            model may keep using a region whose gradient is negative; ``mean_abs`` penalizes
+            any sensitivity outside the human map.
+        levels: pyramid levels (the reference compares 5: levels 0..4).
+        first_level: first level compared (0, the reference, is the full-resolution map).
+            Starting at ``k > 0`` asks the saliency to sit where the human map is at a
+            ``2^k``-pixel scale without tracing its fine shape.
+        token_normalization: see ``Penalty``.
+        schedule: multiplier of ``weight`` over the fit (``harmonia.losses.Cosine``, ...).
         validate: check maps for NaN, negative values and shape (one host sync per call).
-        first_level: first pyramid level compared (0, the reference, is the full-resolution
-            map). Level ``k`` compares the maps blurred and subsampled ``k`` times, so starting
-            at ``k > 0`` asks the saliency to sit where the human map is at a ``2^k``-pixel
-            scale without tracing its fine shape (a looser constraint; see benchmarks/README.md).
     """
+
+    name = "harmonization"
 
     def __init__(
         self,
+        weight: float = 1.0,
+        saliency: Saliency | None = None,
         levels: int = 5,
-        token_normalization: TokenNormalization = "batch",
-        validate: bool = True,
         first_level: int = 0,
+        token_normalization: TokenNormalization = "batch",
+        schedule: Schedule | None = None,
+        validate: bool = True,
     ) -> None:
-        super().__init__()
-        if token_normalization not in ("batch", "mapped"):
-            raise ValueError(
-                f"token_normalization must be 'batch' or 'mapped'; got {token_normalization!r}"
-            )
+        super().__init__(weight, schedule, token_normalization)
         if levels < 1:
             raise ValueError(f"levels must be >= 1; got {levels}")
         if not 0 <= first_level < levels:
             raise ValueError(f"first_level must lie in [0, levels - 1] = [0, {levels - 1}]; got {first_level}")
-        self.levels = levels
-        self.first_level = first_level
-        self.token_normalization = token_normalization
-        self.validate = validate
+        self.saliency = saliency if saliency is not None else Saliency(score="logit", reduction="mean")
+        if not isinstance(self.saliency, Saliency):
+            raise TypeError(f"saliency must be a harmonia.explain.Saliency; got {type(self.saliency).__name__}")
+        self.levels, self.first_level, self.validate = int(levels), int(first_level), bool(validate)
 
-    def per_sample(self, saliency: Tensor, human_maps: Tensor) -> Tensor:
-        """Per-sample harmonization error, shape ``(M,)``."""
+    @property
+    def gradient_key(self) -> str:
+        """The target class's score (``logit`` or ``log_prob``): one gradient per score kind."""
+        return f"target_{self.saliency.score}"
+
+    def score(self, logits: Tensor, label: Tensor) -> Tensor:
+        """The saliency's score of the true class."""
+        return self.saliency.score_of(logits, label)
+
+    def per_sample(self, gradient: Tensor, human_map: Tensor) -> Tensor:
+        """Harmonization error of each mapped sample."""
+        saliency = self.saliency.reduce(gradient)
         if self.validate:
-            check_maps(saliency, human_maps)
-        saliency = standardize_cut(saliency)
-        human = standardize_cut(human_maps)
-        # Rescale the human map to the saliency's peak; the peak is a constant (stop-gradient)
-        # so the model cannot lower the loss by shrinking its own saliency.
-        peak = saliency.amax(dim=(-2, -1), keepdim=True).detach() + 1e-6
-        human = human / (human.amax(dim=(-2, -1), keepdim=True) + 1e-6) * peak
-        return pyramidal_mse(saliency, human, self.levels, self.first_level)
+            check_maps(saliency, human_map)
+        return harmonization_error(saliency, human_map.to(saliency.dtype), self.levels, self.first_level)
 
-    def forward(self, saliency: Tensor, human_maps: Tensor, batch_size: int | None = None) -> Tensor:
-        """Harmonization term for ``M`` mapped samples out of a batch of ``batch_size``."""
-        errors = self.per_sample(saliency, human_maps)
-        if self.token_normalization == "mapped" or batch_size is None:
-            denominator = max(errors.numel(), 1)
-        else:
-            if batch_size < errors.numel():
-                raise ValueError(f"batch_size {batch_size} < number of mapped samples {errors.numel()}")
-            denominator = max(batch_size, 1)
-        return errors.sum() / denominator
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, saliency={self.saliency!r}, levels={self.levels}, "
+                f"first_level={self.first_level}")

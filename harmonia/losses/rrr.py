@@ -10,15 +10,16 @@ Harmonia's human maps mark where people look (high = relevant), so the irrelevan
 ``A = 1 - h / max(h)`` per image: 1 far from the map, 0 at its peak, soft in between (ClickMe
 maps are continuous). A mapped sample whose map is all zeros marks nothing as relevant, so its
 whole gradient is penalized (as the harmonization loss pushes its saliency towards zero).
-The gradient is taken by the caller (``AlignedClassifier.forward_with_explanations``:
-``torch.autograd.grad(log_prob_sum(logits), x, create_graph=True)``); this module only scores it.
+The gradient is taken by ``AlignedClassifier`` from its one training forward (the penalty
+declares the score it needs); this module only scores it.
 """
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from harmonia.losses.harmonization import TokenNormalization, check_maps
+from harmonia.losses.harmonization import check_maps
+from harmonia.losses.penalty import Penalty, Schedule, TokenNormalization
 
 
 def irrelevance_mask(human_maps: Tensor, eps: float = 1e-6) -> Tensor:
@@ -27,44 +28,41 @@ def irrelevance_mask(human_maps: Tensor, eps: float = 1e-6) -> Tensor:
     return (1.0 - human_maps / (peak + eps)).clamp_(0.0, 1.0)
 
 
-def log_prob_sum(logits: Tensor) -> Tensor:
-    """``Σ_n Σ_k log p_{n,k}``: the score whose input gradient RRR penalizes."""
-    return logits.log_softmax(dim=-1).sum()
+class RightReasons(Penalty):
+    """``Σ_{C,H,W} (A ⊙ g)²`` per mapped sample, with ``g = ∂ Σ_k log p_k / ∂x``, averaged like harmonization.
 
-
-class RightReasonsLoss(nn.Module):
-    """``Σ_{C,H,W} (A ⊙ g)²`` per mapped sample, averaged like the harmonization term.
-
-    ``forward(gradient, human_maps, batch_size)`` takes ``gradient = ∂ Σ_k log p_k / ∂x`` of
-    the ``M`` mapped samples, shape ``(M,C,H,W)``, and their maps ``(M,1,H,W)``.
+    ``forward(gradient, human_maps, batch_size)`` takes the ``(M,C,H,W)`` gradient of the ``M``
+    mapped samples and their ``(M,1,H,W)`` maps.
 
     Args:
-        token_normalization: ``"batch"`` divides the summed per-sample penalties by the batch
-            size (as ``HarmonizationLoss`` does by default), ``"mapped"`` by ``M``.
+        weight: λ of the term. Its scale is a squared gradient (not standardized), so it is
+            not comparable with the harmonization weight.
+        schedule: multiplier of ``weight`` over the fit.
+        token_normalization: see ``Penalty``.
         validate: check maps for NaN, negative values and shape.
     """
 
-    def __init__(self, token_normalization: TokenNormalization = "batch", validate: bool = True) -> None:
-        super().__init__()
-        if token_normalization not in ("batch", "mapped"):
-            raise ValueError(f"token_normalization must be 'batch' or 'mapped'; got {token_normalization!r}")
-        self.token_normalization = token_normalization
-        self.validate = validate
+    name = "rrr"
+    gradient_key = "log_prob_sum"
 
-    def per_sample(self, gradient: Tensor, human_maps: Tensor) -> Tensor:
-        """Per-sample penalty, shape ``(M,)``."""
+    def __init__(
+        self,
+        weight: float = 1.0,
+        schedule: Schedule | None = None,
+        token_normalization: TokenNormalization = "batch",
+        validate: bool = True,
+    ) -> None:
+        super().__init__(weight, schedule, token_normalization)
+        self.validate = bool(validate)
+
+    def score(self, logits: Tensor, label: Tensor) -> Tensor:
+        """``Σ_k log p_k`` of each sample (the label plays no part)."""
+        return logits.log_softmax(dim=-1).sum(dim=-1)
+
+    def per_sample(self, gradient: Tensor, human_map: Tensor) -> Tensor:
+        """Penalty of each mapped sample."""
         if gradient.ndim != 4:
             raise ValueError(f"gradient must have shape (M,C,H,W); got {tuple(gradient.shape)}")
         if self.validate:
-            check_maps(gradient[:, :1], human_maps)
-        return (irrelevance_mask(human_maps) * gradient).pow(2).sum(dim=(1, 2, 3))
-
-    def forward(self, gradient: Tensor, human_maps: Tensor, batch_size: int | None = None) -> Tensor:
-        """RRR term for ``M`` mapped samples out of a batch of ``batch_size``."""
-        penalties = self.per_sample(gradient, human_maps)
-        if self.token_normalization == "mapped" or batch_size is None:
-            return penalties.sum() / max(penalties.numel(), 1)
-        if batch_size < penalties.numel():
-            raise ValueError(f"batch_size {batch_size} < number of mapped samples {penalties.numel()}")
-        return penalties.sum() / max(batch_size, 1)
-
+            check_maps(gradient[:, :1], human_map)
+        return (irrelevance_mask(human_map.to(gradient.dtype)) * gradient).pow(2).sum(dim=(1, 2, 3))

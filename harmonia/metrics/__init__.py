@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from harmonia.explain.registry import construct
+from harmonia.registry import construct
 from harmonia.metrics.alignment import HUMAN_CEILING, HumanAlignment, human_alignment
 from harmonia.metrics.base import ExplanationMetric
 from harmonia.metrics.certified import CertifiedAccuracy, certified_radius, model_certificate

@@ -1,4 +1,4 @@
-"""Harmonization loss against an independent NumPy transcription of the reference (SPEC §1)."""
+"""Harmonization loss against an independent NumPy transcription of the reference."""
 
 import numpy as np
 import pytest

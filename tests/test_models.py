@@ -1,4 +1,4 @@
-"""Model registry, Lipschitz layers, export and the Lipschitz bound (SPEC §4)."""
+"""Model registry, Lipschitz layers, export and the Lipschitz bound."""
 
 import pytest
 import torch

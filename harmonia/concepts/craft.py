@@ -1,4 +1,4 @@
-"""CRAFT (Fel et al., CVPR 2023): concepts of one class from a model's activations (SPEC §8).
+"""CRAFT (Fel et al., CVPR 2023): concepts of one class from a model's activations.
 
 Follow one class through :meth:`Craft.fit`:
 1. :meth:`Craft.crops`: overlapping ``patch_size`` crops of the class images (``unfold`` with

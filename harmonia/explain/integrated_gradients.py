@@ -1,4 +1,4 @@
-"""Integrated Gradients (Sundararajan et al. 2017) with its completeness error (SPEC §6)."""
+"""Integrated Gradients (Sundararajan et al. 2017) with its completeness error."""
 
 from __future__ import annotations
 

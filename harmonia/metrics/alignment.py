@@ -1,4 +1,4 @@
-"""Human alignment: does the model's saliency rank pixels as people's maps do? (SPEC §3)
+"""Human alignment: does the model's saliency rank pixels as people's maps do?
 
 Reference: serre-lab/harmonization's ClickMe evaluation. Per image, the Spearman rank
 correlation between the saliency map and the human map over all pixels; the mean over images;
@@ -20,7 +20,7 @@ def human_alignment(saliency: Tensor, human_maps: Tensor) -> Tensor:
     """Per-image Spearman correlation ``(N,)`` between saliency and human maps, both ``(N,1,H,W)``."""
     human = as_map(human_maps, tuple(human_maps.shape[-2:]), "human maps")
     if (human < 0).any():
-        raise ValueError("human maps must be >= 0 (SPEC §1: negative values are input errors)")
+        raise ValueError("human maps must be >= 0 (a negative importance is an input error)")
     saliency = as_map(saliency, tuple(human.shape[-2:]), "saliency maps")
     if len(saliency) != len(human):
         raise ValueError(f"{len(saliency)} saliency maps for {len(human)} human maps")

@@ -1,4 +1,4 @@
-"""Certified robust accuracy of a Lipschitz classifier from its logit margins (SPEC §4).
+"""Certified robust accuracy of a Lipschitz classifier from its logit margins; see docs/lipschitz.md.
 
 If each logit is 1-Lipschitz on its own (``certificate="per_logit"``, a disjoint Frobenius
 head), the difference of two logits is 2-Lipschitz, so no perturbation of L2 norm below

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from harmonia.explain import (
@@ -196,3 +197,126 @@ def test_saliency_grid_layout() -> None:
     torch.testing.assert_close(tile[:, 8:24, 8:24], torch.nn.functional.interpolate(x[:1], scale_factor=4)[0][:, 8:24, 8:24] * 0.6, atol=2 / 255, rtol=0)
     with pytest.raises(ValueError, match="map 'human'"):
         saliency_grid(x, {"human": torch.rand(3, 1, 8, 8)})
+
+
+# --- Reference fidelity of Sobol attribution (Xplique 2.0.2: tf.math.sobol_sample + tf.image.resize bicubic)
+
+# tf.math.sobol_sample(8, 4): the unscrambled Sobol sequence (Joe-Kuo directions) from its
+# *second* point on, written out.
+TF_SOBOL_8x4 = [
+    [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5],
+    [0.75, 0.25, 0.25, 0.25, 0.75, 0.75, 0.25, 0.75],
+    [0.25, 0.75, 0.75, 0.75, 0.25, 0.25, 0.75, 0.25],
+    [0.375, 0.375, 0.625, 0.875, 0.375, 0.125, 0.375, 0.875],
+]
+
+
+def _keys(t: float, a: float = -0.5) -> float:
+    """Keys' cubic kernel, written out from its definition."""
+    t = abs(t)
+    if t <= 1:
+        return (a + 2) * t**3 - (a + 3) * t**2 + 1
+    if t < 2:
+        return a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a
+    return 0.0
+
+
+def _tf_bicubic_by_hand(in_size: int, out_size: int) -> np.ndarray:
+    """Half-pixel centres, 4 taps, out-of-image taps dropped, weights renormalized (one axis)."""
+    m = np.zeros((out_size, in_size))
+    for i in range(out_size):
+        centre = (i + 0.5) * in_size / out_size - 0.5
+        base = int(np.floor(centre))
+        taps = {j: _keys(centre - j) for j in range(base - 1, base + 3) if 0 <= j < in_size}
+        total = sum(taps.values())
+        for j, w in taps.items():
+            m[i, j] = w / total
+    return m
+
+
+def test_qmc_design_skips_the_origin_like_tf_sobol_sample_and_keeps_it_for_halton() -> None:
+    from scipy.stats import qmc
+
+    from harmonia.explain.sensitivity import qmc_design
+
+    # tf.math.sobol_sample(2, 2) = [[0.5, 0.5], [0.75, 0.25]]: A = first column, B = second.
+    design = qmc_design(2, 1).double()
+    torch.testing.assert_close(design[:4, 0], torch.tensor([0.5, 0.75, 0.5, 0.25], dtype=torch.float64))
+    design = qmc_design(4, 4).double()
+    points = torch.tensor(TF_SOBOL_8x4, dtype=torch.float64)
+    a, b = points[:, :4], points[:, 4:]
+    torch.testing.assert_close(design[:4], a)
+    torch.testing.assert_close(design[4:8], b)
+    for i in range(4):  # C_i: A with column i from B
+        c = a.clone()
+        c[:, i] = b[:, i]
+        torch.testing.assert_close(design[8 + 4 * i : 12 + 4 * i], c)
+    # The origin comes back on request; Halton (CRAFT's reference, SciPy) keeps it by default.
+    assert qmc_design(4, 4, skip_first=False)[0].abs().max() == 0
+    halton = torch.from_numpy(qmc.Halton(8, scramble=False).random(4))
+    torch.testing.assert_close(qmc_design(4, 4, "halton")[:4].double(), halton[:, :4], atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize(("in_size", "out_size"), [(2, 4), (8, 32), (3, 7), (5, 3), (4, 4)])
+def test_tf_bicubic_weights_equal_the_formula(in_size: int, out_size: int) -> None:
+    from harmonia.explain.sobol import tf_bicubic_weights
+
+    got = tf_bicubic_weights(in_size, out_size).numpy()
+    # TF rounds the sub-pixel offset to 1/1024: exact for these power-of-two ratios, ≤ 2e-3 off otherwise.
+    exact = (in_size / out_size) in (0.5, 0.25, 1.0)
+    np.testing.assert_allclose(got, _tf_bicubic_by_hand(in_size, out_size), atol=1e-12 if exact else 2e-3, rtol=0)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-12)
+
+
+def test_tf_bicubic_equals_pillow_and_differs_from_torch_bicubic() -> None:
+    """Pillow's bicubic (Keys a = −0.5, edge taps dropped and renormalized) is an independent implementation."""
+    from PIL import Image
+
+    from harmonia.explain.sobol import resize_map
+
+    grid = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ours = resize_map(grid, (32, 32))[0, 0].numpy()
+    pil = np.asarray(Image.fromarray(grid[0, 0].numpy().astype(np.float32), mode="F").resize((32, 32), Image.BICUBIC))
+    np.testing.assert_allclose(ours, pil, atol=1e-5, rtol=0)
+    torch_bicubic = resize_map(grid, (32, 32), "torch_bicubic")[0, 0].numpy()
+    assert np.abs(torch_bicubic - ours).max() > 0.02 * np.abs(ours).max()
+
+
+def test_sobol_map_on_a_2x2_grid_equals_a_hand_computation() -> None:
+    """Xplique's defaults (design without the origin, inpainting, Jansen, TF bicubic) by hand."""
+    coef = torch.tensor([1.5, -0.7, 0.4, 1.1])
+
+    class CellModel(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            cells = F.avg_pool2d(x, 2).flatten(1)  # (N, 4): the 2×2 cells of a 4×4 image
+            score = torch.tanh(cells @ coef) + cells[:, 0] * cells[:, 3]
+            return torch.stack([torch.zeros_like(score), score], dim=1)
+
+    x = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(2)) + 0.5
+    got = SobolAttribution(grid_size=2, nb_design=4).attribute(CellModel().eval(), x, torch.tensor([1]))[0, 0].double().numpy()
+
+    xbar = F.avg_pool2d(x.double(), 2).flatten().numpy()  # inpainting x·m scales cell i by m_i
+    c = coef.double().numpy()
+
+    def f(m: np.ndarray) -> np.ndarray:
+        cells = m * xbar
+        return np.tanh(cells @ c) + cells[:, 0] * cells[:, 3]
+
+    points = np.array(TF_SOBOL_8x4)
+    a, b = points[:, :4], points[:, 4:]
+    f_a, var = f(a), f(a).var(ddof=1)
+    st = np.empty(4)
+    for i in range(4):
+        c_i = a.copy()
+        c_i[:, i] = b[:, i]
+        st[i] = ((f_a - f(c_i)) ** 2).sum() / (2 * 4 * var)
+    r = _tf_bicubic_by_hand(2, 4)
+    expected = r @ st.reshape(2, 2) @ r.T
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    # The design's origin and PyTorch's bicubic are what the reference does not do: both move the map.
+    origin = SobolAttribution(grid_size=2, nb_design=4, skip_first_point=False).attribute(CellModel().eval(), x, torch.tensor([1]))
+    torch_cubic = SobolAttribution(grid_size=2, nb_design=4, resize="torch_bicubic").attribute(CellModel().eval(), x, torch.tensor([1]))
+    assert np.abs(origin[0, 0].numpy() - expected).max() > 1e-3
+    assert np.abs(torch_cubic[0, 0].numpy() - expected).max() > 1e-3
+    with pytest.raises(ValueError, match="unknown resize 'bilinear'"):
+        SobolAttribution(resize="bilinear")

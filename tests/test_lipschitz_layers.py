@@ -197,7 +197,7 @@ def test_registry_models_keep_the_bound_through_harmonized_training(variant: dic
         _harmonized_step(model, optimizer)
     bound, layers = lipschitz_bound(model)
     assert bound <= 1 + 1e-3, layers
-    assert any(l.how.startswith("power iteration") for l in layers)
+    assert any(l.how.startswith("FFT") for l in layers)
     assert _bound_of_train_mode_weights(model) <= 1 + 1e-3
     x = torch.rand(5, *model.input_shape)
     model.eval()

@@ -96,6 +96,45 @@ def test_deletion_and_insertion_values_by_hand() -> None:
     torch.testing.assert_close(half.compute(), torch.tensor((8.5 + 6.0) / 2))
 
 
+def test_deletion_ties_follow_the_chosen_order_and_random_favours_no_corner() -> None:
+    """An all-tied map flips pixels in tie order only; the default spreads every corner over the curve."""
+    h = w = 32
+    x = torch.ones(1, 1, h, w)
+    corner = torch.zeros(1, 1, h, w)
+    corner[..., :8, :8] = 1 / 64  # the model reads the mean of the top-left 8×8 corner only
+    top_left, bottom_right = Linear(corner), Linear(corner.flip(-1, -2))
+    flat = torch.zeros(1, 1, h, w)  # every pixel tied
+    target = torch.tensor([0])
+
+    def auc(model: nn.Module, **kwargs) -> float:
+        metric = Deletion(steps=8, **kwargs)
+        metric.update(model, x, target, flat)
+        return float(metric.compute())
+
+    # "first": row-major order deletes the top-left corner with the first 8 rows (steps 1-2 of 8):
+    # curve 1, ½, 0, … → 1/8; the bottom-right corner goes last: 1 ×6, ½, 0 → 7/8. "last": mirrored.
+    assert auc(top_left, ties="first") == pytest.approx(1 / 8) and auc(bottom_right, ties="last") == pytest.approx(1 / 8)
+    assert auc(bottom_right, ties="first") == pytest.approx(7 / 8) and auc(top_left, ties="last") == pytest.approx(7 / 8)
+    # "random": the seeded permutation, written out; both corners leave at about the same pace.
+    order = torch.randperm(h * w, generator=torch.Generator().manual_seed(5))
+    counts = torch.linspace(0, h * w, 9, dtype=torch.float64).long()
+    curve = [1 - float(corner.flatten()[order[:c]].sum()) for c in counts]
+    expected = sum((a + b) / 2 for a, b in zip(curve[:-1], curve[1:])) / 8
+    assert auc(top_left, seed=5) == pytest.approx(expected, rel=1e-5)
+    tl, br = auc(top_left), auc(bottom_right)
+    assert abs(tl - br) < 0.1 and abs(tl - 0.5) < 0.1 and abs(br - 0.5) < 0.1  # a tied corner lasts half the budget
+    # Without ties the order is the explanation's alone.
+    ramp = torch.arange(h * w, dtype=torch.float32).view(1, 1, h, w)
+    values = []
+    for ties in ("random", "first", "last"):
+        metric = Deletion(steps=8, ties=ties)
+        metric.update(top_left, x, target, ramp)
+        values.append(float(metric.compute()))
+    assert values[0] == values[1] == values[2]
+    with pytest.raises(ValueError, match="ties must be one of"):
+        Insertion(ties="middle")
+
+
 def test_mufidelity_of_exact_and_reversed_attributions() -> None:
     g = torch.Generator().manual_seed(3)
     w = torch.randn(1, 1, 6, 6, generator=g)

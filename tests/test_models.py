@@ -1,10 +1,12 @@
 """Model registry, Lipschitz layers, export and the Lipschitz bound."""
 
+import math
+
 import pytest
 import torch
 from deel.torchlip import ScaledL2NormPool2d
 
-from harmonia.models import L2NormPool2d, build_model, export, lipschitz_bound, list_models, operator_norm
+from harmonia.models import L2NormPool2d, build_model, conv_norm_bound, export, lipschitz_bound, list_models, operator_norm
 
 
 def _train_a_little(model: torch.nn.Module, steps: int = 10) -> None:
@@ -72,15 +74,82 @@ def test_l2_norm_pool_double_backward_is_finite_on_zero_windows() -> None:
     assert torch.isfinite(weight.grad).all()
 
 
-def test_operator_norm_equals_dense_svd() -> None:
-    conv = torch.nn.Conv2d(2, 3, 3, padding=1, stride=2).double()
-    shape = (2, 6, 6)
-    n = 2 * 6 * 6
+def _dense_norm(layer: torch.nn.Module, shape: tuple[int, ...]) -> float:
+    """Largest singular value of the layer's linear part, from its dense matrix (float64 SVD)."""
+    n = math.prod(shape)
     basis = torch.eye(n, dtype=torch.float64).reshape(n, *shape)
     with torch.no_grad():
-        dense = (conv(basis) - conv(torch.zeros(1, *shape, dtype=torch.float64))).reshape(n, -1).T
-    exact = torch.linalg.matrix_norm(dense, ord=2).item()
-    assert operator_norm(conv, shape) == pytest.approx(exact, rel=1e-6)
+        dense = (layer(basis) - layer(torch.zeros(1, *shape, dtype=torch.float64))).reshape(n, -1).T
+    return torch.linalg.matrix_norm(dense, ord=2).item()
+
+
+def test_operator_norm_estimate_equals_dense_svd() -> None:
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1, stride=2).double()
+    shape = (2, 6, 6)
+    assert operator_norm(conv, shape) == pytest.approx(_dense_norm(conv, shape), rel=1e-6)
+
+
+# Every padding mode × stride, with kernels, paddings, dilations, groups and input sizes that
+# exercise the bound's cases (odd sizes, strides that do not divide the size, "same", valid).
+CONV_CASES = [
+    {"kernel_size": 3, "padding": 1},
+    {"kernel_size": 2, "padding": 1},
+    {"kernel_size": 3, "padding": 0},
+    {"kernel_size": 3, "padding": 2, "dilation": 2},
+    {"kernel_size": 3, "padding": 1, "groups": 2},
+    {"kernel_size": 5, "padding": 2},
+]
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "circular", "reflect", "replicate"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(6, 6), (7, 5)])
+def test_conv_norm_bound_is_above_the_exact_norm(padding_mode: str, stride: int, size: tuple[int, int]) -> None:
+    torch.manual_seed(stride * 10 + size[1])
+    for case in CONV_CASES:
+        conv = torch.nn.Conv2d(4, 6, stride=stride, padding_mode=padding_mode, **case).double()
+        shape = (4, *size)
+        exact = _dense_norm(conv, shape)
+        bound, how = conv_norm_bound(conv, shape)
+        assert bound >= exact * (1 - 1e-12), (case, bound, exact, how)
+        # never absurdly loose: the padding map of circular/reflect/replicate costs at most 2
+        assert bound <= exact * (2.2 if padding_mode == "zeros" else 4.5), (case, bound, exact, how)
+
+
+def test_conv_norm_bound_is_tight_where_it_is_exact() -> None:
+    torch.manual_seed(0)
+    # A size-keeping circular convolution *is* a circular convolution: the FFT gives its norm.
+    for stride in (1, 2):
+        conv = torch.nn.Conv2d(3, 5, 3, padding=1, stride=stride, padding_mode="circular").double()
+        exact = _dense_norm(conv, (3, 8, 8))
+        assert conv_norm_bound(conv, (3, 8, 8))[0] == pytest.approx(exact, rel=1e-10)
+    # Zero padding: the torus is the padded image; on a real image size the bound is close.
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1, padding_mode="zeros", groups=1, bias=True).double()
+    exact = _dense_norm(conv, (3, 14, 14))
+    bound, how = conv_norm_bound(conv, (3, 14, 14))
+    assert exact <= bound <= 1.03 * exact and "16×16 torus" in how
+    # Channel counts of the input shape must fit.
+    with pytest.raises(ValueError, match="does not fit"):
+        conv_norm_bound(conv, (4, 14, 14))
+
+
+def test_lipschitz_bound_certifies_where_the_power_iteration_falls_short() -> None:
+    """A convolution whose top singular values cluster: a short power iteration stops low."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 3))
+    result = lipschitz_bound(model, (2, 8, 8))
+    conv_exact = _dense_norm(model[0].double(), (2, 8, 8))
+    model.float()
+    linear_exact = torch.linalg.matrix_norm(model[3].weight.double(), ord=2).item()
+    conv, _, _, linear = result.layers
+    assert conv.bound >= conv_exact * (1 - 1e-7) and conv.estimate <= conv_exact * (1 + 1e-5)
+    assert conv.constant == conv.bound  # the name the callers read is the certified one
+    assert linear.estimate == linear.bound == pytest.approx(linear_exact, rel=1e-12)  # dense layers: exact
+    bound, layers = result  # unpacks as before: the certified product first
+    assert bound == pytest.approx(conv.bound * linear.bound) and result.estimate <= bound
+    assert operator_norm(model[0], (2, 8, 8), iterations=2) < conv_exact * (1 - 1e-4)  # what a short iteration would certify
+    cheap = lipschitz_bound(model, (2, 8, 8), estimate=False)  # the bound alone, no power iteration
+    assert cheap.bound == pytest.approx(bound, rel=1e-12) and math.isnan(cheap.estimate)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"pool": "invertible", "widths": (8, 16)}, {"head": "spectral"}, {"depth": 2, "widths": (16, 16)}])
@@ -95,7 +164,8 @@ def test_export_matches_and_bound_holds_after_training(kwargs: dict) -> None:
         torch.testing.assert_close(plain(x), model(x), atol=1e-5, rtol=0)
     bound, layers = lipschitz_bound(model)
     assert bound <= 1 + 1e-3, layers
-    assert any(l.how.startswith("power iteration") for l in layers)
+    assert any(l.how.startswith("FFT") for l in layers)
+    assert all(l.estimate <= l.bound * (1 + 1e-5) for l in layers)
 
 
 def test_export_does_not_share_memory_with_source() -> None:

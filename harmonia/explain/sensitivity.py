@@ -1,7 +1,7 @@
 """Quasi-Monte-Carlo designs and the Jansen total-order estimator (variance-based sensitivity).
 
-Shared by Sobol attribution (masks over an image grid, SPEC §6) and CRAFT concept importance
-(masks over concept coefficients, SPEC §8): both evaluate a model on ``nb_design · (d + 2)``
+Shared by Sobol attribution (masks over an image grid) and CRAFT concept importance (masks
+over concept coefficients): both evaluate a model on ``nb_design · (d + 2)``
 masked inputs laid out as ``[A; B; C_1; …; C_d]`` and reduce the scores with Jansen's estimator.
 """
 
@@ -16,23 +16,32 @@ from torch import Tensor
 Sequence = Literal["sobol", "halton"]
 
 
-def qmc_design(nb_design: int, dim: int, sequence: Sequence = "sobol") -> Tensor:
+def qmc_design(nb_design: int, dim: int, sequence: Sequence = "sobol", skip_first: bool | None = None) -> Tensor:
     """Masks ``[A; B; C_1; …; C_d]`` of shape ``(nb_design · (dim + 2), dim)``, values in [0, 1).
 
     ``A`` and ``B`` are the two halves of an unscrambled ``2·dim``-dimensional QMC sequence
-    (Sobol from torch, Halton from SciPy, as the references use); ``C_i`` is ``A`` with column
-    ``i`` taken from ``B``. Deterministic: no scrambling, so no seed.
+    (Sobol from torch, Halton from SciPy); ``C_i`` is ``A`` with column ``i`` taken from ``B``.
+    Deterministic: no scrambling, so no seed.
+
+    ``skip_first`` drops the sequence's first point (the origin, all zeros) and takes the next
+    ``nb_design``. ``None`` follows the reference of each use: Xplique's Sobol attribution draws
+    with ``tf.math.sobol_sample``, whose first point is the sequence's second (so ``True`` for
+    ``"sobol"``), while CRAFT's concept importance draws with SciPy's Halton, which starts at the
+    origin (so ``False`` for ``"halton"``).
     """
     if nb_design < 2:
         raise ValueError(f"nb_design must be at least 2 (Jansen needs a variance), got {nb_design}")
+    if skip_first is None:
+        skip_first = sequence == "sobol"
+    skip = int(bool(skip_first))
     if sequence == "sobol":
         if nb_design & (nb_design - 1):
             raise ValueError(f"a Sobol design needs a power-of-two nb_design, got {nb_design}")
-        points = torch.quasirandom.SobolEngine(2 * dim, scramble=False).draw(nb_design, dtype=torch.float64)
+        points = torch.quasirandom.SobolEngine(2 * dim, scramble=False).draw(nb_design + skip, dtype=torch.float64)[skip:]
     elif sequence == "halton":
         from scipy.stats import qmc  # local: SciPy only for the Halton path
 
-        points = torch.from_numpy(np.asarray(qmc.Halton(2 * dim, scramble=False).random(nb_design)))
+        points = torch.from_numpy(np.asarray(qmc.Halton(2 * dim, scramble=False).random(nb_design + skip)))[skip:]
     else:
         raise ValueError(f"unknown QMC sequence {sequence!r}; use 'sobol' or 'halton'")
     a, b = points[:, :dim], points[:, dim:]

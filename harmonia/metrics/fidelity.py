@@ -1,6 +1,6 @@
 """Fidelity metrics: does removing what an explanation ranks first change the model's score?
 
-Semantics of Xplique's ``metrics/fidelity.py`` (SPEC §7); the code is Harmonia's. Scores are
+Semantics of Xplique's ``metrics/fidelity.py``; the code is Harmonia's. Scores are
 the target's raw logit unless ``activation`` is ``softmax``/``sigmoid``. Multi-channel
 explanations are averaged over channels; a pixel is perturbed in all its channels at once.
 """
@@ -17,6 +17,9 @@ from harmonia.explain.base import Activation, batched_scores, check_batch
 from harmonia.metrics.base import ExplanationMetric, SampleMean, as_map
 from harmonia.metrics.correlation import spearman_rows
 
+Ties = Literal["random", "first", "last"]
+TIES: tuple[str, ...] = ("random", "first", "last")
+
 
 def _check_fraction(name: str, value: float, low_open: bool = True) -> None:
     if not ((0 < value) if low_open else (0 <= value)) or value > 1:
@@ -26,13 +29,25 @@ def _check_fraction(name: str, value: float, low_open: bool = True) -> None:
 class CausalFidelity(ExplanationMetric):
     """Deletion or insertion curve and its area (Petsiuk et al. 2018, RISE).
 
-    Pixels are ranked by the explanation (largest first; ties keep pixel order). At step
+    Pixels are ranked by the explanation, largest first. At step
     ``k = 0..steps`` the first ``n_k = ⌊k/steps · ⌊HW · max_percentage_perturbed⌋⌋`` pixels are
     flipped: *deletion* sets them to ``baseline`` in the image, *insertion* copies them from the
     image into a ``baseline`` canvas. The curve is the score averaged over images at each step;
     ``compute()`` is its area on [0, 1] (trapezoids: ``mean((c[:-1] + c[1:]) / 2)``). As the
     area is linear in the curve, it equals the mean of per-image areas: the state is the summed
     curve, so shards reduce exactly.
+
+    Ties (pixels of equal attribution) are ordered by ``ties``. A map with many exact zeros
+    (ReLU gradients, quantized or thresholded maps, Sobol cells of index 0) flips those pixels
+    in whatever order ties are broken, and that order can move the score by tens of percent.
+    ``"random"`` (the default) orders them by one seeded random permutation of the pixel
+    positions, the same for every image (so values do not depend on batching or sharding):
+    no part of the image goes first. ``"first"`` keeps row-major pixel order (the top-left
+    corner first) and ``"last"`` the reverse (the bottom-right corner first): either one favours
+    a corner, which matters when the evidence sits in a corner (decoy digits put their shortcut
+    there). Xplique ranks with ``np.argsort(...)[::-1]``: ``"last"`` where NumPy keeps equal
+    values in order, but its default sort is not stable, so its tie order is not defined; maps
+    without ties score the same with every choice, and as Xplique.
 
     Args:
         mode: ``"deletion"`` (lower is better) or ``"insertion"`` (higher is better).
@@ -41,6 +56,8 @@ class CausalFidelity(ExplanationMetric):
         baseline: value of removed pixels (Xplique ``baseline_mode`` 0.0).
         activation: ``None`` (raw logit), ``softmax`` or ``sigmoid``.
         batch_size: perturbed images per forward.
+        ties: ``"random"`` (default), ``"first"`` or ``"last"``: order of equal attributions.
+        seed: seed of the ``"random"`` tie order.
     """
 
     needs = ("model", "inputs", "targets", "explanations")
@@ -53,9 +70,14 @@ class CausalFidelity(ExplanationMetric):
         baseline: float = 0.0,
         activation: Activation | None = None,
         batch_size: int = 256,
+        ties: Ties = "random",
+        seed: int = 0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if ties not in TIES:
+            raise ValueError(f"ties must be one of {TIES}; got {ties!r}")
+        self.ties, self.seed = ties, int(seed)
         if mode not in ("deletion", "insertion"):
             raise ValueError(f"mode must be 'deletion' or 'insertion'; got {mode!r}")
         if int(steps) < 1 or int(batch_size) < 1:
@@ -71,12 +93,26 @@ class CausalFidelity(ExplanationMetric):
         last = int(num_pixels * self.max_percentage_perturbed)
         return torch.linspace(0, last, self.steps + 1, dtype=torch.float64).long()
 
+    def tie_order(self, num_pixels: int) -> Tensor:
+        """The pixel order that breaks ties: a permutation of ``range(num_pixels)`` (see ``ties``)."""
+        if self.ties == "first":
+            return torch.arange(num_pixels)
+        if self.ties == "last":
+            return torch.arange(num_pixels).flip(0)
+        return torch.randperm(num_pixels, generator=torch.Generator().manual_seed(self.seed))
+
+    def ranks(self, explanations: Tensor) -> Tensor:
+        """``(N, HW)`` pixel indices, most important first, ties in :meth:`tie_order`."""
+        ranking = explanations.flatten(1)
+        tie_order = self.tie_order(ranking.shape[1]).to(ranking.device)
+        # A stable sort of the pixels laid out in tie order keeps that order among equals.
+        return tie_order[torch.argsort(ranking[:, tie_order], dim=1, descending=True, stable=True)]
+
     def scores(self, model: nn.Module, inputs: Tensor, targets: Tensor, explanations: Tensor) -> Tensor:
         """Per-image curves ``(N, steps + 1)``."""
         targets = check_batch(inputs, targets)
         n, (h, w) = len(inputs), inputs.shape[-2:]
-        ranking = as_map(explanations, (h, w)).to(inputs.device).flatten(1)
-        order = torch.argsort(ranking, dim=1, descending=True, stable=True)
+        order = self.ranks(as_map(explanations, (h, w)).to(inputs.device))
         rank = torch.empty_like(order)
         rank.scatter_(1, order, torch.arange(h * w, device=inputs.device).expand(n, -1))
         rank = rank.view(n, 1, h, w)

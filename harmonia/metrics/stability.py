@@ -1,4 +1,4 @@
-"""Average stability: do nearby inputs get nearby explanations? (Bhatt et al. 2020; SPEC §7)"""
+"""Average stability: do nearby inputs get nearby explanations? (Bhatt et al. 2020)"""
 
 from __future__ import annotations
 
@@ -20,10 +20,13 @@ class AverageStability(SampleMean):
     per input shape from ``torch.Generator().manual_seed(seed)`` and shared by every image, so
     an image's value does not depend on batching or DDP sharding. Lower is better.
 
-    Deviations from Xplique 2.0.2's code, on purpose: Xplique draws ``u`` in ``[0, 1/D)`` (``D``
-    input values) and never uses its ``radius``; here ``radius`` is the noise range (SPEC §7).
-    Xplique's ``"l2"`` is the *squared* Euclidean distance; here ``"l2"`` is the Euclidean
-    distance and ``"squared_l2"`` reproduces Xplique's number.
+    Xplique 2.0.2 does the same: noise uniform in ``[0, radius)`` and, for ``"l2"``, the
+    Euclidean distance (the square root of the sum of squares), so ``"l2"`` (the default) gives
+    its number. Both draw the offsets once and add the same ones to every image; only the
+    generator differs (Xplique's is TensorFlow's global one, here a seeded one), so values agree
+    up to the sampling noise, and exactly given the same offsets. ``"squared_l2"`` (the sum of
+    squares, no root) is what earlier Xplique releases called ``"l2"``; those releases also drew
+    the noise in ``[0, 1/D)`` (``D`` input values) whatever ``radius`` was.
 
     The cost is ``nb_samples`` extra explanations per image (e.g. 20 Sobol attributions).
 

@@ -6,7 +6,7 @@ from harmonia.models.backbones import Backbone, load_weights, read_state_dict
 from harmonia.models.checkpointing import checkpoint_segments, find_blocks
 from harmonia.models.cnn import ConvNet, conv_net
 from harmonia.models.layers import GroupSort2, L2NormPool2d
-from harmonia.models.lipschitz import export, lipschitz_bound, operator_norm
+from harmonia.models.lipschitz import LayerBound, NetworkBound, conv_norm_bound, export, lipschitz_bound, operator_norm
 from harmonia.models.orthogonal import BjorckConv2d, BjorckLinear, cached_weights
 from harmonia.models.registry import build_model, list_models, register_family, register_model
 
@@ -17,11 +17,14 @@ __all__ = [
     "ConvNet",
     "GroupSort2",
     "L2NormPool2d",
+    "LayerBound",
+    "NetworkBound",
     "build_model",
     "cached_weights",
     "checkpoint_segments",
     "find_blocks",
     "conv_net",
+    "conv_norm_bound",
     "export",
     "lipschitz_bound",
     "list_models",

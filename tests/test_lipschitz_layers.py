@@ -145,6 +145,7 @@ def test_layers_equal_deel_torchlip_layers(ours, theirs, x) -> None:
 @pytest.mark.parametrize("iterations", [1, 3, 12])
 def test_guarantee_holds_with_a_wrong_spectral_estimate(iterations: int) -> None:
     """The floor keeps every singular value ≤ 1 when the power vector misses σ_max entirely."""
+    torch.manual_seed(0)
     layer = BjorckLinear(64, 32, iterations=iterations, power_iterations=0)
     raw = layer.parametrizations.weight.original
     with torch.no_grad():
@@ -154,7 +155,10 @@ def test_guarantee_holds_with_a_wrong_spectral_estimate(iterations: int) -> None
     for mode in (True, False):
         layer.train(mode)
         sigma = torch.linalg.matrix_norm(layer.weight.detach().double(), ord=2).item()
-        assert sigma <= 1 + 1e-5
+        # The float32 product of the factor with a weight whose σ spans five decades rounds up to
+        # ~3e-5 above 1 (over 40 random weights; it depends on the CPU's kernels); without the
+        # floor the power vector's miss would give σ of order 1.5^iterations.
+        assert sigma <= 1 + 1e-4
 
 
 def test_factor_path_equals_formed_weight() -> None:

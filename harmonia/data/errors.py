@@ -26,11 +26,13 @@ class BadSampleError(ValueError):
 
     Args:
         where: the file and the record index / CSV row, e.g. ``"train-0.tfrecords, record 17"``.
-        what: what is wrong, e.g. ``"CRC mismatch in record data"``.
+        what: what is wrong, e.g. ``"CRC mismatch in record data"``. Omitted, ``where`` is the
+            whole message (how a DataLoader re-raises a worker's error in the main process,
+            which keeps it a ``BadSampleError``).
     """
 
-    def __init__(self, where: str, what: str) -> None:
-        super().__init__(f"{where}: {what}")
+    def __init__(self, where: str, what: str | None = None) -> None:
+        super().__init__(where if what is None else f"{where}: {what}")
         self.where = where
         self.what = what
 

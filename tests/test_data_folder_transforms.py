@@ -150,7 +150,7 @@ def test_batched_geometry_matches_the_per_sample_path() -> None:
 
 
 def test_batched_crop_boxes_follow_random_resized_crop() -> None:
-    """draw_boxes (augment_on='device') draws the boxes of v2.RandomResizedCrop.make_params."""
+    """draw_boxes (the batched crop) draws the boxes of v2.RandomResizedCrop.make_params."""
     from torchvision.transforms import v2
 
     from harmonia.data.transforms import draw_boxes

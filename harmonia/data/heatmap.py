@@ -75,32 +75,32 @@ def blur_heatmap(heatmap: Tensor, size: Sequence[int]) -> Tensor:
 def coarse_map(heatmap: Tensor) -> Tensor:
     """The reference's first step: bilinear resize (no antialiasing) of ``(…,H,W)`` to 64×64, in float.
 
-    An integer map keeps its units (a uint8 map gives values in [0, 255]). When both sides are
-    multiples of 64 (ClickMe: 256) the half-pixel bilinear samples fall on fixed strides with
-    weights ½ (even factors) or 1 (odd ones): strided picks, without converting the other ¾
-    of the map to float first; other sizes go through ``F.interpolate``. Both give the values
-    of ``F.interpolate`` up to the order of float additions (tested).
+    An integer map keeps its units (a uint8 map gives values in [0, 255]). Half-pixel bilinear
+    resampling reads two rows (then two columns) per output: they are picked from the map as
+    stored and only those are converted to float, so a 256-px map is never converted whole.
+    The values of ``F.interpolate`` up to the order of float additions (tested).
     """
-    height, width = heatmap.shape[-2:]
-    if height % COARSE or width % COARSE:
-        flat = heatmap.reshape(-1, 1, height, width).float()
-        out = F.interpolate(flat, size=(COARSE, COARSE), mode="bilinear", align_corners=False, antialias=False)
-        return out.reshape(*heatmap.shape[:-2], COARSE, COARSE)
-    rows = _pick(heatmap.transpose(-1, -2), height // COARSE).transpose(-1, -2)
-    return _pick(rows, width // COARSE)
+    rows = _resample(heatmap, -2)
+    return _resample(rows, -1)
 
 
-def _pick(x: Tensor, factor: int) -> Tensor:
-    """Half-pixel bilinear downsampling of the last axis by an integer ``factor``, in float.
+@functools.lru_cache(maxsize=32)
+def _taps(size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Half-pixel bilinear resampling ``size`` → 64 without antialiasing (``F.interpolate``'s
+    rule): output ``i`` is input ``first[i]`` moved towards input ``second[i]`` by ``weight[i]``."""
+    source = ((torch.arange(COARSE, dtype=torch.float64) + 0.5) * (size / COARSE) - 0.5).clamp_(min=0.0)
+    first = source.floor().long().clamp_(max=size - 1)
+    second = (first + 1).clamp_(max=size - 1)
+    return first, second, (source - first).float()
 
-    Output ``i`` samples input coordinate ``factor·i + (factor-1)/2``: one column when
-    ``factor`` is odd, the mean of two neighbours when it is even.
-    """
-    first = (factor - 1) // 2
-    lower = x[..., first::factor].float()
-    if factor % 2:
-        return lower
-    return (lower + x[..., first + 1 :: factor].float()).mul_(0.5)
+
+def _resample(x: Tensor, axis: int) -> Tensor:
+    """Bilinear resampling of ``x`` to 64 along ``axis`` (-2 or -1), in float."""
+    first, second, weight = _taps(x.shape[axis])
+    if x.device.type != "cpu":
+        first, second, weight = first.to(x.device), second.to(x.device), weight.to(x.device)
+    weight = weight[:, None] if axis == -2 else weight
+    return x.index_select(axis, first).float().lerp_(x.index_select(axis, second).float(), weight)
 
 
 def minmax(maps: Tensor) -> Tensor:

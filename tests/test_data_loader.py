@@ -3,6 +3,7 @@ processes, and batches that stay valid however long they are kept and wherever t
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import struct
 from pathlib import Path
@@ -114,7 +115,7 @@ def test_kept_batches_survive_the_epoch_and_a_second_process(tmp_path: Path, con
     ds = ClickMeRecords(path, num_classes=10, index_dir=str(tmp_path))
     loader = DataLoader(ds, batch_size=4, num_workers=2, pin_memory=True, persistent_workers=True,
                         collate_fn=collate_samples, multiprocessing_context=context)
-    with pytest.warns(UserWarning, match="pin_memory") if not torch.cuda.is_available() else _no_warning():
+    with contextlib.nullcontext() if torch.cuda.is_available() else pytest.warns(UserWarning, match="pin_memory"):
         kept = list(loader)
     reference = [_reference(ds, list(range(k, k + 4))) for k in range(0, 24, 4)]
     assert len(kept) == len(reference) == 6
@@ -143,12 +144,11 @@ def test_kept_batches_survive_the_epoch_and_a_second_process(tmp_path: Path, con
         _equal(ClickMeSample(*map(torch.from_numpy, batch)), expected)
 
 
-class _no_warning:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *_) -> None:
-        return None
+def test_a_batch_of_records_of_different_sizes_is_a_clear_error(tmp_path: Path) -> None:
+    first, second = _mixed_file(tmp_path / "a.tfrecords", 32, count=2), _mixed_file(tmp_path / "b.tfrecords", 48, count=2)
+    ds = ClickMeRecords([str(first), str(second)], num_classes=10, index_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"one image size; got \[\(32, 32, 3\), \(48, 48, 3\)\]"):
+        collate_samples([ds[1], ds[2]])
 
 
 def test_simplejpeg_decodes_as_torchvision() -> None:

@@ -139,14 +139,17 @@ class ClickMeDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.datasets: dict[str, Dataset] = {}
         self._reported: dict[str, int] = {}
+        self._transforms: dict[bool, JointTransform] = {}
 
     # -- building ---------------------------------------------------------------------------
     def transform(self, train: bool) -> JointTransform:
         """The joint transform of training (augmented) or evaluation (resize), with this module's
         options; ClickMe batches get it whole on the device (``apply_batch``)."""
-        hp = self.hparams
-        return JointTransform(hp.image_size, train=train and hp.augment, scale=hp.crop_scale, hflip=hp.hflip,
-                              color_jitter=hp.color_jitter, normalize=hp.normalize)
+        if train not in self._transforms:  # built once: it is asked for on every batch
+            hp = self.hparams
+            self._transforms[train] = JointTransform(hp.image_size, train=train and hp.augment, scale=hp.crop_scale,
+                                                     hflip=hp.hflip, color_jitter=hp.color_jitter, normalize=hp.normalize)
+        return self._transforms[train]
 
     def _worker_transform(self, train: bool) -> JointTransform:
         """The per-sample transform of sources cropped in the workers: ``uint8`` images out,

@@ -91,16 +91,12 @@ class JointTransform:
         self.normalization = v2.Normalize(list(mean), list(std)) if normalize else None
         self.uint8_output = uint8_output and not normalize
         photometric: list[v2.Transform] = [] if self.uint8_output else [v2.ToDtype(torch.float32, scale=True)]
-        if self.jitters:
-            photometric.append(v2.ColorJitter(*color_jitter))
+        self.jitter = v2.ColorJitter(*color_jitter) if self.jitters else None
+        if self.jitter is not None:
+            photometric.append(self.jitter)
         if self.normalization is not None:
             photometric.append(self.normalization)
         self.photometric = v2.Compose(photometric) if photometric else _identity
-
-    @property
-    def resize_only(self) -> bool:
-        """True when the geometry is a deterministic resize (evaluation)."""
-        return not self.train
 
     def __call__(self, image: Tensor, human_map: Tensor) -> tuple[Tensor, Tensor]:
         """Transform one sample; ``image`` uint8 or float in [0,1], ``human_map`` float."""
@@ -155,13 +151,12 @@ class JointTransform:
                 image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=False)
             if human_map.shape[-2:] != size:
                 human_map = F.interpolate(human_map, size=size, mode="bilinear", align_corners=False, antialias=False)
-        image = image.clamp_(0.0, 1.0)
-        if self.jitters:
-            jitter = next(t for t in self.photometric.transforms if isinstance(t, v2.ColorJitter))
-            image = torch.stack([jitter(one) for one in image])  # its own factors and order per sample
+        image = image.clamp(0.0, 1.0)  # out of place: the caller's tensors stay as they were
+        if self.jitter is not None:
+            image = torch.stack([self.jitter(one) for one in image])  # its own factors and order per sample
         if self.normalization is not None:
             image = self.normalization(image)
-        return image, human_map.clamp_(min=0.0)
+        return image, human_map.clamp(min=0.0)
 
     def __repr__(self) -> str:
         geometry = f"{self.crop}, hflip={self.hflip}" if self.train else f"Resize({self.size})"

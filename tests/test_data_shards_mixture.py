@@ -211,5 +211,13 @@ def test_augmentation_runs_only_while_the_trainer_trains(tmp_path: Path) -> None
     assert not torch.equal(dm.on_after_batch_transfer(raw, 0).image, reference.image)
     dm.trainer = SimpleNamespace(training=False)
     assert torch.equal(dm.on_after_batch_transfer(raw, 0).image, reference.image)
+
+    def crops(rank: int) -> torch.Tensor:  # a fresh module on DDP rank `rank`, same global seed
+        torch.manual_seed(0)
+        module = ClickMeDataModule(train=str(path), num_classes=10, image_size=32, batch_size=6, num_workers=0)
+        module.trainer = SimpleNamespace(training=True, global_rank=rank, world_size=2)
+        return module.on_after_batch_transfer(raw, 0).image
+
+    assert torch.equal(crops(0), crops(0)) and not torch.equal(crops(0), crops(1))  # reproducible, per rank
     with pytest.raises(ValueError, match="map_normalization"):
         ClickMeDataModule(train=str(path), map_normalization="max")

@@ -291,21 +291,22 @@ class ClickMeRecords(Dataset):
         self.index.close()
 
 
-def finish_clickme_batch(batch: ClickMeSample, transform: JointTransform,
-                         map_normalization: MapNormalization = "none") -> Sample:
+def finish_clickme_batch(batch: ClickMeSample, transform: JointTransform, map_normalization: MapNormalization = "none",
+                         generator: torch.Generator | None = None) -> Sample:
     """A batch of :class:`ClickMeSample` → ``Sample``, where the batch lives (the training device).
 
     Maps: the reference's blur and bilinear upsampling, to the images' size in training (then
     cropped with them: ``transform.apply_batch``) or straight to ``transform.size`` otherwise
     (the reference's exact evaluation path, the image resized bilinearly without antialiasing).
-    ``map_normalization="minmax"`` scales each final map to [0, 1].
+    ``map_normalization="minmax"`` scales each final map to [0, 1]. ``generator`` draws the
+    crop boxes and flips (None: torch's global generator).
     """
     if map_normalization not in ("none", "minmax"):
         raise ValueError(f"map_normalization must be 'none' or 'minmax'; got {map_normalization!r}")
     image = batch.image.permute(0, 3, 1, 2).float().div_(255.0)
     map_size = image.shape[-2:] if transform.train else (transform.size, transform.size)
     human_map = blur_coarse_map(batch.coarse_map.float(), map_size)
-    image, human_map = transform.apply_batch(image, human_map)
+    image, human_map = transform.apply_batch(image, human_map, generator)
     if map_normalization == "minmax":
         human_map = minmax(human_map)
     return Sample(image.contiguous(), human_map.contiguous(), batch.has_map, batch.label)

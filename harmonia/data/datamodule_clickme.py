@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
@@ -140,6 +141,7 @@ class ClickMeDataModule(pl.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         self._reported: dict[str, int] = {}
         self._transforms: dict[bool, JointTransform] = {}
+        self._generator: torch.Generator | None = None
 
     # -- building ---------------------------------------------------------------------------
     def transform(self, train: bool) -> JointTransform:
@@ -254,7 +256,7 @@ class ClickMeDataModule(pl.LightningDataModule):
             parts = [self.finish_batch(part, train) for part in batch if part is not None]
             return Sample(*(torch.cat(fields) for fields in zip(*parts))) if len(parts) > 1 else parts[0]
         if isinstance(batch, ClickMeSample):
-            return finish_clickme_batch(batch, self.transform(train), hp.map_normalization)
+            return finish_clickme_batch(batch, self.transform(train), hp.map_normalization, self._augmentation_rng())
         if isinstance(batch, Sample):
             image = to_float_image(batch.image)
             if hp.normalize and batch.image.dtype == torch.uint8:  # worker-side transforms leave it to us
@@ -262,6 +264,14 @@ class ClickMeDataModule(pl.LightningDataModule):
             human_map = minmax(batch.human_map) if hp.map_normalization == "minmax" else batch.human_map
             return Sample(image, human_map, batch.has_map, batch.label)
         raise TypeError(f"ClickMeDataModule cannot finish a batch of type {type(batch).__name__}")
+
+    def _augmentation_rng(self) -> torch.Generator:
+        """The generator of the batched crops and flips: seeded from torch's seed (``seed_everything``)
+        and this process's rank, so that DDP ranks do not crop their batches alike."""
+        if self._generator is None:
+            seed = np.random.SeedSequence([torch.initial_seed(), self._rank()[0]]).generate_state(1, np.uint64)[0]
+            self._generator = torch.Generator().manual_seed(int(seed) & (2**63 - 1))
+        return self._generator
 
     # -- bad-sample reporting -----------------------------------------------------------------
     @property

@@ -128,13 +128,15 @@ class JointTransform:
             return self.photometric(image)
         return self.photometric(to_float_image(image))
 
-    def apply_batch(self, image: Tensor, human_map: Tensor) -> tuple[Tensor, Tensor]:
+    def apply_batch(self, image: Tensor, human_map: Tensor,
+                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Transform a batch where it lives: ``image`` float ``(N,C,H,W)`` in [0, 1], ``human_map``
         float ``(N,1,H,W)`` (or already ``(N,1,size,size)`` when not training: then kept as it is).
 
         Training: a random resized crop and a flip per sample, one box and one coin for image
         and map, then colour jitter (per sample) and normalization. Otherwise: a bilinear
         resize to ``size`` without antialiasing (the ClickMe reference's), then normalization.
+        Boxes and flips are drawn on the CPU from ``generator`` (None: torch's global one).
         Returns ``(image float (N,C,size,size), map float (N,1,size,size) >= 0)``.
         """
         if image.shape[-2:] != human_map.shape[-2:] and (self.train or human_map.shape[-2:] != (self.size, self.size)):
@@ -142,8 +144,9 @@ class JointTransform:
         n, channels, height, width = image.shape
         size = (self.size, self.size)
         if self.train:
-            boxes = draw_boxes(n, height, width, self.crop.scale, self.crop.ratio).to(image.device)
-            flips = (torch.rand(n) < self.hflip).to(image.device)
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, (), generator=generator)))
+            boxes = draw_boxes(n, height, width, self.crop.scale, self.crop.ratio, rng).to(image.device)
+            flips = (torch.rand(n, generator=generator) < self.hflip).to(image.device)
             out = crop_resize_flip(torch.cat([image, human_map.to(image.dtype)], dim=1), boxes, flips, self.size)
             image, human_map = out[:, :channels], out[:, channels:]
         else:

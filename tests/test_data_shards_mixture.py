@@ -207,7 +207,7 @@ def test_augmentation_runs_only_while_the_trainer_trains(tmp_path: Path) -> None
     raw = next(iter(dm.train_dataloader()))
     reference = dm.finish_batch(raw, train=False)
     assert torch.equal(dm.on_after_batch_transfer(raw, 0).image, reference.image)  # no trainer: evaluation
-    dm.trainer = SimpleNamespace(training=True)
+    dm.trainer = SimpleNamespace(training=True, global_rank=0, world_size=1)
     assert not torch.equal(dm.on_after_batch_transfer(raw, 0).image, reference.image)
     dm.trainer = SimpleNamespace(training=False)
     assert torch.equal(dm.on_after_batch_transfer(raw, 0).image, reference.image)

@@ -256,7 +256,8 @@ class ClickMeDataModule(pl.LightningDataModule):
             parts = [self.finish_batch(part, train) for part in batch if part is not None]
             return Sample(*(torch.cat(fields) for fields in zip(*parts))) if len(parts) > 1 else parts[0]
         if isinstance(batch, ClickMeSample):
-            return finish_clickme_batch(batch, self.transform(train), hp.map_normalization, self._augmentation_rng())
+            generator = self._augmentation_rng() if train else None
+            return finish_clickme_batch(batch, self.transform(train), hp.map_normalization, generator)
         if isinstance(batch, Sample):
             image = to_float_image(batch.image)
             if hp.normalize and batch.image.dtype == torch.uint8:  # worker-side transforms leave it to us

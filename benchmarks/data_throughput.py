@@ -45,7 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harmonia.allocator import retain_freed_memory  # noqa: E402
 from harmonia.data import ClickMeRecords, JointTransform, collate_samples, finish_clickme_batch  # noqa: E402
-from harmonia.data.clickme import parse_clickme  # noqa: E402
 from harmonia.data.synthetic import write_synthetic_clickme  # noqa: E402
 
 TARGET = 1000.0  # images/s per worker
@@ -138,7 +137,6 @@ def main() -> None:
             for name, fn in variants.items():
                 times[name].append(_timed(fn) / args.count)
         cuda = _device_stage_cuda(kept, train, args.rounds, args.count) if torch.cuda.is_available() else None
-        del loader, kept
 
     seconds = {name: statistics.median(values) for name, values in times.items()}
     per_worker = {

@@ -1,4 +1,4 @@
-"""Decoy digits determinism, splits, decoy rules, human maps."""
+"""Decoy digits: determinism, splits, decoy rules, human maps."""
 
 import numpy as np
 import pytest

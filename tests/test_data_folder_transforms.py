@@ -106,27 +106,34 @@ def test_normalization_is_opt_in() -> None:
     torch.testing.assert_close(normalized[0], torch.full((8, 8), (128 / 255 - 0.485) / 0.229))
 
 
-def test_device_geometry_matches_the_worker_path() -> None:
-    """augment_on='device': the same box and flip give the worker path's map and image."""
+def test_batched_geometry_matches_the_per_sample_path() -> None:
+    """JointTransform.apply_batch: the same box and flip give the per-sample path's map and image."""
     from torchvision.transforms.v2 import functional as TF
 
-    from harmonia.data.device_geometry import DeviceBatch, apply_device_geometry, crop_resize_flip
-    from harmonia.data.heatmap import blur_heatmap, low_res_heatmap
+    from harmonia.data.heatmap import blur_heatmap
+    from harmonia.data.transforms import crop_resize_flip
 
     gen = torch.Generator().manual_seed(0)
     image = (torch.rand(3, 128, 128, generator=gen) * 255).to(torch.uint8)
     heat = torch.rand(1, 128, 128, generator=gen)
     top, left, height, width = 20, 30, 70, 90
-    batch = DeviceBatch(image.permute(1, 2, 0)[None], low_res_heatmap(heat)[None], torch.tensor([True]),
-                         torch.tensor([1]), torch.tensor([[left, top, left + width, top + height]], dtype=torch.float32),
-                         torch.tensor([False]))
-    out = apply_device_geometry(batch, 64)
-    worker_map = torch.nn.functional.interpolate(blur_heatmap(heat, (128, 128))[None, :, top:top + height, left:left + width],
+    box = torch.tensor([[left, top, left + width, top + height]], dtype=torch.float32)
+    blurred = blur_heatmap(heat, (128, 128))
+    out = crop_resize_flip(torch.cat([image.float() / 255, blurred])[None], box, torch.tensor([False]), 64)
+    worker_map = torch.nn.functional.interpolate(blurred[None, :, top:top + height, left:left + width],
                                                  size=(64, 64), mode="bilinear", align_corners=False)[0]
     # equal inside; the last row/column differ only in how the crop border is sampled
-    torch.testing.assert_close(out.human_map[0, :, :-1, :-1], worker_map[:, :-1, :-1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out[0, 3:, :-1, :-1], worker_map[:, :-1, :-1], rtol=1e-4, atol=1e-6)
     worker_image = TF.resized_crop(image.float() / 255, top, left, height, width, [64, 64], antialias=False)
-    torch.testing.assert_close(out.image[0, :, :-1, :-1], worker_image[:, :-1, :-1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[0, :3, :-1, :-1], worker_image[:, :-1, :-1], rtol=0, atol=1e-5)
+    # apply_batch: one draw per sample, the same for image and map; evaluation is a plain resize
+    images, maps = torch.rand(6, 3, 48, 40, generator=gen), torch.rand(6, 1, 48, 40, generator=gen)
+    stacked = torch.cat([images, images[:, :1]], dim=1)  # the map is the image's first channel
+    train = JointTransform(24, train=True, scale=(0.3, 1.0))
+    out_image, out_map = train.apply_batch(stacked[:, :3].clone(), stacked[:, 3:].clone())
+    assert out_image.shape == (6, 3, 24, 24) and torch.allclose(out_map, out_image[:, :1], atol=1e-6)
+    evaluation = JointTransform(24).apply_batch(images, maps)
+    torch.testing.assert_close(evaluation[1], torch.nn.functional.interpolate(maps, size=(24, 24), mode="bilinear"))
     # the one-pixel check on the batched crop + flip
     for seed in range(6):
         gen = np.random.default_rng(seed)
@@ -143,10 +150,10 @@ def test_device_geometry_matches_the_worker_path() -> None:
 
 
 def test_batched_crop_boxes_follow_random_resized_crop() -> None:
-    """draw_boxes (augment_on='device') draws the boxes of v2.RandomResizedCrop.make_params."""
+    """draw_boxes (the batched crop) draws the boxes of v2.RandomResizedCrop.make_params."""
     from torchvision.transforms import v2
 
-    from harmonia.data.device_geometry import draw_boxes
+    from harmonia.data.transforms import draw_boxes
 
     crop = v2.RandomResizedCrop(224, scale=(0.08, 1.0))
     torch.manual_seed(0)

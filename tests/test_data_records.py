@@ -1,4 +1,4 @@
-"""TFRecord framing, tf.train.Example, ClickMe decoding and reference preprocessing, bad records."""
+"""TFRecord framing, RecordIndex, tf.train.Example, ClickMe decoding and reference preprocessing, bad records."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ import torch
 from data_files import raw_record, records
 from torchvision.io import decode_image, encode_jpeg
 
-from harmonia.data import BadSampleError, ClickMeRecords
-from harmonia.data.clickme import decode_clickme, encode_clickme, preprocess_clickme
-from harmonia.data.heatmap import blur_heatmap, blur_low_map, low_res_heatmap
-from harmonia.data.synthetic import synthetic_image
+from harmonia.data import BadSampleError, ClickMeRecords, JointTransform, RecordIndex, collate_samples
+from harmonia.data.clickme import encode_clickme, finish_clickme_batch
 from harmonia.data.example import decode_example, encode_example
+from harmonia.data.heatmap import blur_heatmap, coarse_map
 from harmonia.data.tfrecord import TFRecordWriter, iter_records, masked_crc32c, record_offsets
 
 
@@ -55,6 +54,24 @@ def test_writer_reader_and_offset_index(tmp_path: Path) -> None:
     assert [d for _, d in iter_records(path)] == [b"only"]
 
 
+def test_record_index_reads_every_file_by_global_index(tmp_path: Path) -> None:
+    paths = []
+    for k, count in enumerate((3, 0, 2)):  # an empty file in the middle
+        paths.append(tmp_path / f"{k}.tfrecords")
+        with TFRecordWriter(paths[-1]) as writer:
+            for i in range(count):
+                writer.write(f"{k}-{i}".encode())
+    index = RecordIndex(paths, index_dir=tmp_path / "idx")
+    assert len(index) == 5 and [index.read(i) for i in range(5)] == [b"0-0", b"0-1", b"0-2", b"2-0", b"2-1"]
+    assert index.where(4).endswith("2.tfrecords, record 1")
+    with pytest.raises(IndexError, match="record 5 out of range"):
+        index.read(5)
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(index))  # what a spawned worker gets: no open file travels
+    assert copy._fds == {} and copy.read(3) == b"2-0"
+
+
 def test_clickme_records_read_back_exactly(tmp_path: Path) -> None:
     path, written = records(tmp_path / "c.tfrecords", count=4, size=64)
     rng = torch.Generator().manual_seed(0)
@@ -66,17 +83,20 @@ def test_clickme_records_read_back_exactly(tmp_path: Path) -> None:
     ds = ClickMeRecords(path, num_classes=10)
     assert len(ds) == 5
     for i, (image_bytes, heat_bytes, label) in enumerate(written):
-        record = ds.read(i)
-        assert torch.equal(record.image, decode_image(torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8)))
-        expected = decode_image(torch.frombuffer(bytearray(heat_bytes), dtype=torch.uint8)).float() / 255
-        assert torch.equal(record.heatmap, expected)
-        assert record.label == label and record.click_count is None
-    raw = ds.read(4)
-    torch.testing.assert_close(raw.image, image / 255, rtol=0, atol=1e-6)
-    assert torch.equal(raw.heatmap, heat) and raw.click_count == 12
-    sample = ds[0]
-    assert sample.image.shape == (3, 224, 224) and sample.human_map.shape == (1, 224, 224)
-    assert sample.has_map.item() and 0 <= sample.image.min() and sample.image.max() <= 1
+        assert ds.record(i).image == image_bytes and ds.record(i).heatmap == heat_bytes
+        sample = ds[i]
+        expected = decode_image(torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8))
+        assert sample.image.dtype == torch.uint8 and torch.equal(sample.image, expected.permute(1, 2, 0))
+        full_map = decode_image(torch.frombuffer(bytearray(heat_bytes), dtype=torch.uint8)).float() / 255
+        torch.testing.assert_close(sample.coarse_map, coarse_map(full_map), rtol=0, atol=1e-6)
+        assert sample.label == label and sample.has_map and ds.record(i).click_count is None
+    raw = ds.record(4)
+    assert torch.equal(raw.image, image) and torch.equal(raw.heatmap, heat) and raw.click_count == 12
+    assert torch.equal(ds[4].image, image.round().to(torch.uint8).permute(1, 2, 0))  # 8 bits, as JPEG images
+    torch.testing.assert_close(ds[4].coarse_map, coarse_map(heat), rtol=0, atol=1e-6)  # raw maps as stored
+    batch = finish_clickme_batch(collate_samples([ds[0], ds[1]]), JointTransform(224))
+    assert batch.image.shape == (2, 3, 224, 224) and batch.human_map.shape == (2, 1, 224, 224)
+    assert batch.has_map.all() and 0 <= batch.image.min() and batch.image.max() <= 1
 
 
 def _tf_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -104,50 +124,35 @@ def _reference_map(heat: np.ndarray, out: int) -> np.ndarray:
 
 
 def test_reference_preprocessing(tmp_path: Path) -> None:
+    """The evaluation path (decode in the worker, finish batched) is the reference's: image
+    resized bilinear without antialiasing, map 64 px → 10×10 Gaussian σ=10 → 224 px."""
     rng = np.random.default_rng(0)
     heat = rng.random((256, 256)).astype(np.float32)
     ours = blur_heatmap(torch.from_numpy(heat)[None], (224, 224))[0].double().numpy()
     np.testing.assert_allclose(ours, _reference_map(heat.astype(np.float64), 224), rtol=0, atol=1e-6)
     image = torch.from_numpy(rng.integers(0, 256, (3, 256, 256), dtype=np.uint8))
-    out, human_map = preprocess_clickme(image, low_res_heatmap(torch.from_numpy(heat)[None]), 224)
-    reference = np.stack([_tf_resize_matrix(256, 224) @ c @ _tf_resize_matrix(256, 224).T for c in image.double().numpy()])
-    assert np.abs(out.double().numpy() - reference / 255).max() <= 1 / 255 + 1e-6  # uint8 fixed point only
-    assert human_map.min() >= 0
-    _, scaled = preprocess_clickme(image, low_res_heatmap(torch.from_numpy(heat)[None]), 224, map_normalization="minmax")
-    assert scaled.min() == 0 and scaled.max() == 1
+    path = tmp_path / "r.tfrecords"
+    with TFRecordWriter(path) as writer:  # a raw map: decoded exactly as stored
+        writer.write(encode_clickme(bytes(encode_jpeg(image, quality=100)), torch.from_numpy(heat)[None], 3))
+    ds = ClickMeRecords(path, num_classes=10)
+    decoded = ds[0].image.permute(2, 0, 1).double().numpy()
+    out = finish_clickme_batch(collate_samples([ds[0]]), JointTransform(224))
+    reference = np.stack([_tf_resize_matrix(256, 224) @ c @ _tf_resize_matrix(256, 224).T for c in decoded])
+    np.testing.assert_allclose(out.image[0].double().numpy(), reference / 255, rtol=0, atol=1e-4)  # float32 rounding
+    np.testing.assert_allclose(out.human_map[0, 0].double().numpy(), _reference_map(heat.astype(np.float64), 224),
+                               rtol=0, atol=1e-5)
+    scaled = finish_clickme_batch(collate_samples([ds[0]]), JointTransform(224), map_normalization="minmax")
+    assert scaled.human_map.min() == 0 and scaled.human_map.max() == 1
 
 
-def test_low_res_map_by_strided_picks_is_the_bilinear_resize() -> None:
+def test_coarse_map_by_strided_picks_is_the_bilinear_resize() -> None:
     """Maps whose sides are multiples of 64 take strided picks: the values of F.interpolate."""
     gen = torch.Generator().manual_seed(0)
-    for height, width in ((256, 256), (192, 320), (64, 128), (100, 90)):
+    for height, width in ((256, 256), (192, 320), (64, 128), (100, 90), (32, 32)):
         heat = (torch.rand(1, height, width, generator=gen) * 255).to(torch.uint8)
         reference = torch.nn.functional.interpolate(heat[None].float(), size=(64, 64), mode="bilinear",
                                                     align_corners=False)[0]
-        torch.testing.assert_close(low_res_heatmap(heat), reference, rtol=0, atol=1e-4)
-
-
-def test_scaled_map_decode_stays_within_one_percent_of_the_reference() -> None:
-    """map_decode='scaled' (DCT-domain decode of a JPEG map: 256 px at 1/4 scale; 224 px at 3/8,
-    84 px, then bilinear to 64): after the blur, within 1% of the peak of the exact path; maps
-    under 128 px fall back to the exact path."""
-    rng = np.random.default_rng(0)
-    worst = 0.0
-    for size in (256, 256, 224, 224):
-        image, heat = synthetic_image(rng, size)
-        data = encode_clickme(image, heat, 3)
-        exact = decode_clickme(data, "r", map_decode="exact").heatmap
-        scaled = decode_clickme(data, "r", map_decode="scaled").heatmap
-        assert exact.shape == scaled.shape == (1, 64, 64) and not torch.equal(exact, scaled)
-        reference, ours = blur_low_map(exact, (224, 224)), blur_low_map(scaled, (224, 224))
-        worst = max(worst, float((ours - reference).abs().max() / reference.max()))
-    assert worst < 0.01
-    image, heat = synthetic_image(rng, 96)  # under 128 px: the exact path
-    data = encode_clickme(image, heat, 3)
-    assert torch.equal(decode_clickme(data, "r", map_decode="scaled").heatmap,
-                       decode_clickme(data, "r", map_decode="exact").heatmap)
-    full = decode_clickme(data, "r").heatmap
-    assert full.shape == (1, 96, 96) and full.dtype == torch.float32 and full.max() <= 1
+        torch.testing.assert_close(coarse_map(heat), reference, rtol=0, atol=1e-4)
 
 
 def _frame(data: bytes) -> bytes:
@@ -162,7 +167,7 @@ def test_corrupted_record_is_named_or_skipped(tmp_path: Path) -> None:
     blob[int(offsets[2]) + 40] ^= 0xFF  # a bit flip inside record 2's data
     path.write_bytes(bytes(blob))
     ds = ClickMeRecords(path, num_classes=10, index_dir=str(tmp_path / "idx"))
-    ds[1]
+    assert ds[1] is not None
     with pytest.raises(BadSampleError, match=r"c\.tfrecords, record 2: CRC mismatch"):
         ds[2]
     skipping = ClickMeRecords(path, num_classes=10, skip_bad_samples=True, index_dir=str(tmp_path / "idx"))
@@ -209,13 +214,12 @@ def test_bad_records_are_named_or_skipped(tmp_path: Path, case: str, message: st
     }[case]()
     path = tmp_path / "b.tfrecords"
     path.write_bytes(_frame(good) + _frame(bad) + _frame(good))
-    for map_decode in ("exact", "scaled"):  # the DCT-scaled map decode names the same errors
-        ds = ClickMeRecords(path, num_classes=10, size=32, map_decode=map_decode)
-        with pytest.raises(BadSampleError, match=rf"b\.tfrecords, record 1: .*{message}"):
-            ds[1]
-        skipping = ClickMeRecords(path, num_classes=10, size=32, skip_bad_samples=True, map_decode=map_decode)
-        assert skipping[0] is not None and skipping[1] is None and skipping[2] is not None
-        assert skipping.skips.skipped == 1
+    ds = ClickMeRecords(path, num_classes=10)
+    with pytest.raises(BadSampleError, match=rf"b\.tfrecords, record 1: .*{message}"):
+        ds[1]
+    skipping = ClickMeRecords(path, num_classes=10, skip_bad_samples=True)
+    assert skipping[0] is not None and skipping[1] is None and skipping[2] is not None
+    assert skipping.skips.skipped == 1
 
 
 def test_record_files_by_folder_glob_or_list(tmp_path: Path) -> None:
@@ -223,9 +227,9 @@ def test_record_files_by_folder_glob_or_list(tmp_path: Path) -> None:
 
     for name in ("train-00000-of-00002", "train-00001-of-00002"):  # TF-style names, no suffix
         records(tmp_path / "tf" / name, count=2, size=16)
-    ds = ClickMeRecords(str(tmp_path / "tf"), num_classes=10, size=16)  # writes .idx files beside them
+    ds = ClickMeRecords(str(tmp_path / "tf"), num_classes=10)  # writes .idx files beside them
     assert len(ds) == 4 and len(list((tmp_path / "tf").glob("*.idx"))) == 2
-    assert len(ClickMeRecords(str(tmp_path / "tf" / "train-*"), num_classes=10, size=16)) == 4  # .idx ignored
+    assert len(ClickMeRecords(str(tmp_path / "tf" / "train-*"), num_classes=10)) == 4  # .idx ignored
     records(tmp_path / "mixed" / "a.tfrecords", count=1, size=16)
     (tmp_path / "mixed" / "README").write_text("not a record")
     assert [p.name for p in expand_files(str(tmp_path / "mixed"), (".tfrecords",))] == ["a.tfrecords"]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from data_files import folder, records
 
-from harmonia.data import ClickMeDataModule, ClickMeRecords, FolderDataset, ShardDataset
+from harmonia.data import ClickMeDataModule, ClickMeRecords, ClickMeSample, FolderDataset, ShardDataset
 from harmonia.data.convert import convert
-from harmonia.data.mixture import MixtureDataset, MixtureSampler
+from harmonia.data.mixture import MixedBatch, MixtureDataset, MixtureSampler
 from harmonia.data.shards import assign_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,13 +23,13 @@ def test_converted_shards_read_like_the_records(tmp_path: Path) -> None:
     path, _ = records(tmp_path / "r.tfrecords", count=7, size=48)
     manifest = convert(str(path), str(tmp_path / "shards"), max_count=3)
     assert manifest["total"] == 7 and [s["count"] for s in manifest["shards"]] == [3, 3, 1]
-    source = ClickMeRecords(path, num_classes=10, size=32)
-    streamed = list(ShardDataset(str(tmp_path / "shards"), num_classes=10, size=32))
+    source = ClickMeRecords(path, num_classes=10)
+    streamed = list(ShardDataset(str(tmp_path / "shards"), num_classes=10))
     assert len(streamed) == 7
-    for i, sample in enumerate(streamed):  # same bytes, same preprocessing: identical tensors
+    for i, sample in enumerate(streamed):  # same bytes, same decode: identical tensors
         expected = source[i]
-        assert torch.equal(sample.image, expected.image) and torch.equal(sample.human_map, expected.human_map)
-        assert sample.label == expected.label and sample.has_map
+        assert type(sample) is type(expected)
+        assert all(torch.equal(a, b) for a, b in zip(sample, expected))
 
 
 def _harmonia(monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
@@ -121,11 +121,17 @@ def test_datamodule_mixes_records_with_an_unmapped_folder(tmp_path: Path) -> Non
     dm.setup("fit")
     batches = list(dm.train_dataloader())
     assert len(batches) == 3  # 24 unmapped / 8 per batch
-    assert [int(b.has_map.sum()) for b in batches] == [2, 2, 2]
-    assert batches[0].image.shape == (10, 3, 16, 16) and batches[0].image.dtype == torch.uint8  # workers: 8 bits
-    on_device = dm.on_after_batch_transfer(batches[0], 0)  # the contract: float in [0, 1]
-    assert on_device.image.dtype == torch.float32 and 0 <= on_device.image.min() and on_device.image.max() <= 1
-    torch.testing.assert_close(on_device.image, batches[0].image.float() / 255)
+    assert all(isinstance(b, MixedBatch) for b in batches)
+    # each part as its own source yields it: ClickMe records decoded, folder images cropped in the worker
+    assert batches[0].mapped.image.shape == (2, 32, 32, 3) and batches[0].unmapped.image.shape == (8, 3, 16, 16)
+    assert batches[0].unmapped.image.dtype == torch.uint8  # workers: 8 bits
+    for batch in batches:
+        on_device = dm.finish_batch(batch, train=True)  # the contract: float in [0, 1], mapped first
+        assert on_device.image.shape == (10, 3, 16, 16) and on_device.image.dtype == torch.float32
+        assert on_device.has_map.tolist() == [True] * 2 + [False] * 8
+        assert 0 <= on_device.image.min() and on_device.image.max() <= 1
+        torch.testing.assert_close(on_device.image[2:], batch.unmapped.image.float() / 255)
+        assert on_device.human_map[2:].abs().sum() == 0
 
 
 def test_datamodule_refuses_a_training_set_smaller_than_a_batch(tmp_path: Path) -> None:
@@ -151,8 +157,7 @@ def test_datamodule_reports_skipped_samples(tmp_path: Path) -> None:
 def test_clickme_config_trains_on_generated_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from harmonia.train import cli_main
 
-    # 128 px: maps DCT-scaled to 64 px and shipped as uint8 pixels; a worker process hands the
-    # batches over in its recycled shared-memory blocks (the path a GPU run of this config takes).
+    # A worker process decodes the records; crop, flip and map blur run in on_after_batch_transfer.
     records(tmp_path / "train" / "a.tfrecords", count=16, size=128, num_classes=10)
     records(tmp_path / "val" / "a.tfrecords", count=6, size=128, num_classes=10, seed=1)
     monkeypatch.chdir(tmp_path)
@@ -162,7 +167,7 @@ def test_clickme_config_trains_on_generated_records(tmp_path: Path, monkeypatch:
     cli_main([
         "fit", "--config", str(ROOT / "configs" / "clickme_resnet50.yaml"),
         "--model.arch", "cnn", "--model.arch_args", json.dumps({"in_channels": 3, "input_size": 32, "widths": [8, 16], "hidden": 32}),
-        "--model.num_classes", "10", "--data.num_classes", "10", "--data.image_size", "32", "--data.augment_on", "device",
+        "--model.num_classes", "10", "--data.num_classes", "10", "--data.image_size", "32",
         "--data.train", "train", "--data.val", "val", "--data.batch_size", "8", "--data.num_workers", "1",
         "--trainer.max_epochs", "1", "--trainer.logger", "false", "--trainer.accelerator", "cpu",
         "--trainer.devices", "1", "--trainer.enable_progress_bar", "false", "--test_after_fit", "false",
@@ -172,38 +177,47 @@ def test_clickme_config_trains_on_generated_records(tmp_path: Path, monkeypatch:
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 2
 
 
-def test_device_mode_from_records_and_shards(tmp_path: Path) -> None:
+def test_records_and_clickme_shards_are_finished_on_the_device(tmp_path: Path) -> None:
     path, _ = records(tmp_path / "r.tfrecords", count=6, size=48)
     convert(str(path), str(tmp_path / "s"), max_count=4)
     for source in (str(path), str(tmp_path / "s")):
-        dm = ClickMeDataModule(train=source, num_classes=10, image_size=32, batch_size=3, num_workers=0,
-                               augment_on="device", map_normalization="minmax")
+        dm = ClickMeDataModule(train=source, val=source, num_classes=10, image_size=32, batch_size=3, num_workers=0,
+                               map_normalization="minmax", color_jitter=[0.2, 0.2, 0.2, 0.05], normalize=True)
         dm.setup("fit")
         raw = next(iter(dm.train_dataloader()))
-        assert type(raw).__name__ == "DeviceBatch" and raw.image.shape == (3, 48, 48, 3)
-        batch = dm.on_after_batch_transfer(raw, 0)
-        assert batch.image.shape == (3, 3, 32, 32) and batch.human_map.shape == (3, 1, 32, 32)
-        assert torch.allclose(batch.human_map.amax(dim=(1, 2, 3)), torch.ones(3))
-    with pytest.raises(ValueError, match="augment_on='device'"):
-        ClickMeDataModule(train=str(path), augment_on="device", color_jitter=[0.1, 0.1, 0.1, 0.0])
+        assert isinstance(raw, ClickMeSample) and raw.image.shape == (3, 48, 48, 3)
+        for train in (True, False):
+            batch = dm.finish_batch(raw, train=train)
+            assert batch.image.shape == (3, 3, 32, 32) and batch.human_map.shape == (3, 1, 32, 32)
+            assert torch.allclose(batch.human_map.amax(dim=(1, 2, 3)), torch.ones(3))
+            assert batch.image.min() < 0  # normalized
+        evaluation = ClickMeDataModule(val=source, num_classes=10, image_size=32, batch_size=3, num_workers=0)
+        evaluation.setup("validate")
+        # evaluation is deterministic: the reference resize, the same twice
+        first = [evaluation.finish_batch(b) for b in evaluation.val_dataloader()]
+        second = [evaluation.finish_batch(b) for b in evaluation.val_dataloader()]
+        assert all(torch.equal(a.image, b.image) and torch.equal(a.human_map, b.human_map) for a, b in zip(first, second))
 
 
-def test_augment_on_auto_uses_the_device_only_on_an_accelerator(tmp_path: Path) -> None:
+def test_augmentation_runs_only_while_the_trainer_trains(tmp_path: Path) -> None:
+    """on_after_batch_transfer crops and flips during training, resizes otherwise."""
     path, _ = records(tmp_path / "r.tfrecords", count=6, size=48)
-    convert(str(path), str(tmp_path / "s"), max_count=4)
-    root = folder(tmp_path / "f")
-    on = {kind: SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(kind))) for kind in ("cpu", "cuda")}
+    dm = ClickMeDataModule(train=str(path), num_classes=10, image_size=32, batch_size=6, num_workers=0)
+    dm.setup("fit")
+    raw = next(iter(dm.train_dataloader()))
+    reference = dm.finish_batch(raw, train=False)
+    assert torch.equal(dm.on_after_batch_transfer(raw, 0).image, reference.image)  # no trainer: evaluation
+    dm.trainer = SimpleNamespace(training=True, global_rank=0, world_size=1)
+    assert not torch.equal(dm.on_after_batch_transfer(raw, 0).image, reference.image)
+    dm.trainer = SimpleNamespace(training=False)
+    assert torch.equal(dm.on_after_batch_transfer(raw, 0).image, reference.image)
 
-    def resolved(trainer: object, **kwargs: object) -> str:
-        dm = ClickMeDataModule(**{"train": str(path), "num_classes": 10, "image_size": 32, **kwargs})
-        dm.trainer = trainer
-        return dm.resolved_augment_on()
+    def crops(rank: int) -> torch.Tensor:  # a fresh module on DDP rank `rank`, same global seed
+        torch.manual_seed(0)
+        module = ClickMeDataModule(train=str(path), num_classes=10, image_size=32, batch_size=6, num_workers=0)
+        module.trainer = SimpleNamespace(training=True, global_rank=rank, world_size=2)
+        return module.on_after_batch_transfer(raw, 0).image
 
-    assert resolved(on["cuda"]) == "device" and resolved(on["cuda"], train=str(tmp_path / "s")) == "device"
-    assert resolved(on["cpu"]) == "worker" and resolved(None) == "worker"
-    assert resolved(on["cuda"], augment_on="worker") == "worker"
-    for kwargs in ({"train": str(root)}, {"color_jitter": [0.1, 0.1, 0.1, 0.0]}, {"unmapped_train": str(root)},
-                   {"augment": False}):
-        assert resolved(on["cuda"], **kwargs) == "worker", kwargs
-    with pytest.raises(ValueError, match="train_map_decode"):
-        ClickMeDataModule(train=str(path), train_map_decode="fast")
+    assert torch.equal(crops(0), crops(0)) and not torch.equal(crops(0), crops(1))  # reproducible, per rank
+    with pytest.raises(ValueError, match="map_normalization"):
+        ClickMeDataModule(train=str(path), map_normalization="max")

@@ -1,4 +1,4 @@
-"""ClickMe records (SPEC §2): the ``tf.train.Example`` schema, decoding, reference preprocessing.
+"""ClickMe records: the ``tf.train.Example`` schema, the one decode path, and the batched finish.
 
 Schema of one record (serre-lab/harmonization ``clickme_dataset.py``)::
 
@@ -9,93 +9,103 @@ Schema of one record (serre-lab/harmonization ``clickme_dataset.py``)::
     height, width int64  optional: the shape of raw arrays (else square is assumed)
 
 The encoding is detected **per record**: bytes starting with a JPEG/PNG signature are decoded
-(torchvision.io, libjpeg-turbo); other bytes are raw float32. Raw images are read in
-[0, ``raw_image_range``] (255 by default: the reference pipeline's float range) and must lie
-there; decoded 8-bit images and maps are divided by 255.
+(libjpeg-turbo through ``simplejpeg``, PNG through torchvision.io); other bytes are raw float32.
+Raw images are read in [0, ``raw_image_range``] (255 by default: the reference pipeline's float
+range) and must lie there.
 
-Reference preprocessing, followed by default (``map_normalization="none"``): image resized to
-224×224 bilinear (no antialiasing, TF's ``tf.image.resize``); heatmap resized to 64×64
-bilinear, blurred by the reference's 10×10 Gaussian (σ = 10, built as the reference builds it:
-offsets −5..4 across and 4..−5 down, TF "SAME" zero padding 4 before / 5 after), resized to
-224×224 bilinear. Two deliberate differences, both scale-only or rounding-only:
-- maps are in [0, 1] (heatmap/255) rather than [0, 255]: the harmonization loss standardizes
-  each map and the alignment metric is a rank correlation, so the scale does not matter;
-- the image is resized in uint8 (torch's vectorized fixed-point kernel, ~3× faster than in
-  float): it differs from the reference's float result by at most 1/255 (tested).
-``map_normalization="minmax"`` is the lab's pre-release variant: each final map is min–max
-scaled to [0, 1] (a constant map becomes zeros: it carries no spatial information, and the
-loss's standardize-cut maps it to zeros anyway).
+The path of one record, from file to ``training_step``:
 
-With a training transform (random resized crop, flip), the blurred map is brought back to the
-image's own size and the two are cropped together (one resampling of the image, from 256 px).
+1. in a DataLoader worker, :class:`ClickMeRecords` reads the record's bytes (both CRCs checked,
+   :class:`~harmonia.data.tfrecord.RecordIndex`), parses it (:func:`parse_clickme`) and decodes it
+   (:func:`decode_clickme`) into a :class:`ClickMeSample`: the image in ``uint8`` at its own size
+   and the heatmap's 64-px map, the reference's first step (bilinear, no antialiasing), in [0, 1];
+   every check happens here, so a bad record is named (file and record) or skipped;
+2. the DataLoader batches these with its own collate (into its own shared memory) and, with
+   ``pin_memory``, pins them;
+3. on the training device, :func:`finish_clickme_batch` (called by
+   ``ClickMeDataModule.on_after_batch_transfer``) does the rest for the whole batch: the
+   reference's 10×10 Gaussian blur (σ = 10) and bilinear upsampling of the maps, then, in
+   training, the same random resized crop and flip for image and map (else the reference's
+   bilinear resize to 224 without antialiasing), colour jitter and normalization if asked, and
+   returns the batch contract, :class:`~harmonia.data.sample.Sample`.
 
-Every path needs only the heatmap's 64-px map (the blur and the resizes are applied to it), so
-the dataset decodes straight to it: ``map_decode="exact"`` decodes the full map and takes the
-reference's bilinear samples (:func:`~harmonia.data.heatmap.low_res_heatmap`);
-``map_decode="scaled"`` decodes a JPEG map of side ≥ 128 px by libjpeg-turbo's DCT-domain
-scaling (``simplejpeg``) at the smallest M/8 scale that keeps 64 px (128/256/512 px, e.g.
-ClickMe's 256: directly at 64 px; 224 px: at 84 px, then the reference's bilinear step to 64).
-The scaled map averages blocks where the reference samples a few pixels; after the σ = 10 blur
-the final maps differ by < 1% of their peak on ClickMe-like maps (tested at 256 and 224 px),
-far below what the rank-based alignment metric or the standardized loss can see. Other maps
-(PNG, raw, under 128 px, anything simplejpeg refuses) use ``exact``. Batches of records are
-read by :mod:`harmonia.data.clickme_batch` (``ClickMeRecords.__getitems__``), with the same results.
+Two deliberate differences from the reference, both scale-only: maps are in [0, 1]
+(heatmap/255) rather than [0, 255]; images end in [0, 1] rather than [0, 255]. The
+harmonization loss standardizes each map, the alignment metric is a rank correlation, and
+models normalize their own inputs, so neither is seen. ``map_normalization="minmax"`` is the
+lab's pre-release variant: each final map is min–max scaled to [0, 1] (a constant map becomes
+zeros: it carries no spatial information).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
-from typing import BinaryIO, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from google.protobuf.message import DecodeError
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.io import encode_jpeg, encode_png
 
-from harmonia.data.clickme_batch import read_decoded_batch
-from harmonia.data.collate import CollatedBatch
-from harmonia.data.device_geometry import DecodedSample, decoded_sample
 from harmonia.data.errors import BadSampleError, SkipCounter
-from harmonia.data.heatmap import blur_low_map, dct_scaled_map, minmax, unit_map
 from harmonia.data.example import decode_example, encode_example
+from harmonia.data.heatmap import INTEGER_SCALE, blur_coarse_map, coarse_map, minmax
 from harmonia.data.jpeg import JPEG_SIGNATURE, PNG_SIGNATURE, decode_bytes
 from harmonia.data.sample import Sample
-from harmonia.data.tfrecord import pread_record, record_offsets
-from harmonia.data.transforms import JointTransform, to_float_image
+from harmonia.data.tfrecord import RecordIndex
+from harmonia.data.transforms import JointTransform
 from harmonia.data.validate import check_label, check_map, expand_files
 
 MapNormalization = Literal["none", "minmax"]
-MapDecode = Literal["full", "exact", "scaled"]
 RECORD_SUFFIXES = (".tfrecords", ".tfrecord", ".tfr")
 IMAGE_SIGNATURES = (JPEG_SIGNATURE, PNG_SIGNATURE)
 
 
 class ClickMeRecord(NamedTuple):
-    """One decoded record: image uint8 or float in [0,1] ``(3,H,W)``, heatmap float ``(1,H,W)``
-    (or, decoded with ``map_decode`` ``"exact"``/``"scaled"``, its 64-px map ``(1,64,64)``)."""
+    """One record's fields as stored, before decoding (:func:`parse_clickme`).
 
-    image: Tensor
-    heatmap: Tensor
+    - ``image``: the encoded JPEG/PNG ``bytes``, or a raw float32 tensor ``(3,H,W)`` as stored
+      (values in [0, raw image range]);
+    - ``heatmap``: the encoded ``bytes``, or a raw float32 tensor ``(1,H,W)`` as stored;
+    - ``label``: the int64 label (not yet range-checked);
+    - ``click_count``: the optional click count, else None.
+    """
+
+    image: bytes | Tensor
+    heatmap: bytes | Tensor
     label: int
     click_count: int | None
 
 
-def _decode_array(value: list, where: str, what: str, channels: int, shape: tuple[int, int] | None) -> Tensor:
-    """A JPEG/PNG (uint8 ``(C,H,W)``) or a raw float32 array (float ``(C,H,W)``)."""
+class ClickMeSample(NamedTuple):
+    """A decoded ClickMe record, or a batch of them after ``default_collate``.
+
+    - ``image``: ``uint8`` ``(H,W,3)`` (batched ``(N,H,W,3)``), channels last as the JPEG decoder
+      lays pixels out (batching channels-first views would cost a strided copy per image);
+    - ``coarse_map``: float ``(1,64,64)`` in [0, 1], the human map after the reference's first
+      step (bilinear resize to 64×64), before its blur; zeros when ``has_map`` is False;
+    - ``has_map``: bool; ``label``: int64.
+
+    :func:`finish_clickme_batch` turns a batch of them into a :class:`Sample`.
+    """
+
+    image: Tensor
+    coarse_map: Tensor
+    has_map: Tensor
+    label: Tensor
+
+
+def _parse_array(value: list, where: str, what: str, channels: int, shape: tuple[int, int] | None) -> bytes | Tensor:
+    """A feature's encoded bytes as they are, or its raw float32 values as a ``(C,H,W)`` tensor."""
     if value and isinstance(value[0], bytes):
         if len(value) != 1:
             raise BadSampleError(where, f"feature {what!r} holds {len(value)} byte strings, expected 1")
         data = value[0]
         if data.startswith(IMAGE_SIGNATURES):
-            try:
-                return decode_bytes(data, gray=channels == 1)
-            except (RuntimeError, ValueError) as err:
-                raise BadSampleError(where, f"cannot decode {what!r} ({len(data)} bytes): {err}") from None
+            return data
         if len(data) % 4:
             raise BadSampleError(where, f"{what!r} is neither JPEG/PNG nor float32 ({len(data)} bytes)")
         array = np.frombuffer(data, dtype="<f4")
@@ -126,44 +136,66 @@ def _single_int(features: dict, key: str, where: str, required: bool) -> int | N
     return value[0]
 
 
-def decode_clickme(data: bytes, where: str, raw_image_range: float = 255.0, map_decode: MapDecode = "full") -> ClickMeRecord:
-    """Decode one serialized ClickMe ``tf.train.Example`` and check its map; errors name ``where``.
-
-    ``map_decode``: ``"full"`` (the heatmap at its size, in [0, 1] for 8/16-bit maps),
-    ``"exact"`` (the reference's 64-px map) or ``"scaled"`` (the same, DCT-scaled from JPEG
-    when possible; module docstring). The label is not range-checked here (the caller knows
-    ``num_classes``).
-    """
+def parse_clickme(data: bytes, where: str) -> ClickMeRecord:
+    """The fields of one serialized ClickMe ``tf.train.Example``; errors name ``where``."""
     try:
         features = decode_example(data)
     except DecodeError as err:
         raise BadSampleError(where, f"not a tf.train.Example: {err}") from None
     height, width = _single_int(features, "height", where, False), _single_int(features, "width", where, False)
     shape = (height, width) if height is not None and width is not None else None
-    image = _decode_array(features.get("image", []), where, "image", 3, shape)
-    if image.is_floating_point():
-        if not torch.isfinite(image).all() or image.min() < 0 or image.max() > raw_image_range * (1 + 1e-4):
-            raise BadSampleError(where, f"raw image values outside [0, {raw_image_range:g}] (raw_image_range)")
-        image = image / raw_image_range
-    heatmap = decode_heatmap(features.get("heatmap", []), where, image.shape[-2:], shape, map_decode)
+    image = _parse_array(features.get("image", []), where, "image", 3, shape)
+    heatmap = _parse_array(features.get("heatmap", []), where, "heatmap", 1, shape)
     label = _single_int(features, "label", where, True)
     return ClickMeRecord(image, heatmap, label, _single_int(features, "click_count", where, False))
 
 
-def decode_heatmap(value: list, where: str, image_hw: Sequence[int], shape: tuple[int, int] | None = None,
-                   map_decode: MapDecode = "full") -> Tensor:
-    """A record's heatmap, checked against its image's size (and, for float maps, its values).
+def _decode_pixels(value: bytes | Tensor, where: str, what: str, gray: bool) -> Tensor:
+    """Encoded bytes → ``(C,H,W)`` uint8 (uint16 for a 16-bit PNG); a raw tensor as it is."""
+    if isinstance(value, Tensor):
+        return value
+    try:
+        return decode_bytes(value, gray=gray)
+    except (RuntimeError, ValueError) as err:
+        raise BadSampleError(where, f"cannot decode {what!r} ({len(value)} bytes): {err}") from None
 
-    Returns float ``(1,H,W)`` (``"full"``) or the 64-px map ``(1,64,64)`` (``"exact"``,
-    ``"scaled"``); 8/16-bit maps are scaled to [0, 1], raw float maps kept as stored.
+
+def clickme_sample(image: Tensor, heatmap: Tensor | None, label: int, where: str) -> ClickMeSample:
+    """A :class:`ClickMeSample` from a decoded image and heatmap (the map checked here).
+
+    ``image``: ``(3,H,W)`` uint8, or float in [0, 1] (rounded to 8 bits, as JPEG-coded images
+    are); ``heatmap``: ``(1,H,W)`` or ``(H,W)`` of the image's size, uint8/uint16 (scaled to
+    [0, 1]) or float (kept as stored, checked finite and >= 0), or None (no map).
     """
-    data = value[0] if len(value) == 1 and isinstance(value[0], bytes) else b""
-    if map_decode == "scaled" and data.startswith(IMAGE_SIGNATURES[0]):
-        low = dct_scaled_map(data, where, image_hw)
-        if low is not None:
-            return low
-    heatmap = check_map(_decode_array(value, where, "heatmap", 1, shape), image_hw, where)
-    return unit_map(heatmap, low_res=map_decode != "full")
+    if image.is_floating_point():
+        image = image.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+    image = image.permute(1, 2, 0).contiguous()  # a view of the decoder's own layout: no copy
+    if heatmap is None:
+        return ClickMeSample(image, torch.zeros(1, 64, 64), torch.tensor(False), torch.tensor(label, dtype=torch.int64))
+    heatmap = check_map(heatmap, image.shape[:2], where)
+    scale = INTEGER_SCALE.get(heatmap.dtype, 1.0)
+    coarse = coarse_map(heatmap)
+    if scale != 1.0:
+        coarse = coarse.div_(scale)
+    return ClickMeSample(image, coarse, torch.tensor(True), torch.tensor(label, dtype=torch.int64))
+
+
+def decode_clickme(record: ClickMeRecord, where: str, num_classes: int | None = None,
+                   raw_image_range: float = 255.0) -> ClickMeSample:
+    """Decode and check one parsed record (:func:`parse_clickme`): the one decode path of a record.
+
+    Checks: the image decodes (raw images: finite, within [0, ``raw_image_range``]), the
+    heatmap decodes, has the image's size and (raw maps) is finite and >= 0, the label lies in
+    ``[0, num_classes)``. Every error is a :class:`BadSampleError` naming ``where``.
+    """
+    label = check_label(record.label, num_classes, where)
+    image = _decode_pixels(record.image, where, "image", gray=False)
+    if image.is_floating_point():
+        if not torch.isfinite(image).all() or image.min() < 0 or image.max() > raw_image_range * (1 + 1e-4):
+            raise BadSampleError(where, f"raw image values outside [0, {raw_image_range:g}] (raw_image_range)")
+        image = image / raw_image_range
+    heatmap = _decode_pixels(record.heatmap, where, "heatmap", gray=True)
+    return clickme_sample(image, heatmap, label, where)
 
 
 def encode_clickme(
@@ -173,11 +205,11 @@ def encode_clickme(
     click_count: int | None = None,
     quality: int = 95,
 ) -> bytes:
-    """Serialize a ClickMe record (the writer the tests and the converter use).
+    """Serialize a ClickMe record (the writer the tests and the synthetic data use).
 
     ``image``/``heatmap``: encoded bytes (kept as they are), a uint8 tensor ``(C,H,W)`` (JPEG
-    encoded at ``quality``; a heatmap is saved as lossless PNG when ``quality`` is 100), or a
-    float tensor, stored raw as float32 H×W×C with ``height``/``width`` features.
+    encoded at ``quality``; saved as lossless PNG when ``quality`` is 100), or a float tensor,
+    stored raw as float32 H×W×C with ``height``/``width`` features.
     """
     features: dict = {"label": int(label)}
 
@@ -196,175 +228,85 @@ def encode_clickme(
     return encode_example(features)
 
 
-def _reference_image(image: Tensor, size: int) -> Tensor:
-    """Bilinear resize without antialiasing (TF's), in uint8 when the image is uint8."""
-    if image.shape[-2:] == (size, size):
-        return image
-    return F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-
-
 class ClickMeRecords(Dataset):
-    """Map-style dataset of ClickMe TFRecord files, yielding ``Sample`` (random access by index).
+    """Map-style dataset of ClickMe TFRecord files, yielding :class:`ClickMeSample` (random access by index).
+
+    Batches of these become ``Sample``\\ s on the training device (:func:`finish_clickme_batch`;
+    ``ClickMeDataModule`` does it for you).
 
     Args:
         files: a folder (its ``*.tfrecords``/``*.tfrecord``/``*.tfr`` files), a glob, or a list.
         num_classes: labels must lie in ``[0, num_classes)``.
-        size: output side when ``transform`` is None (the reference evaluation path).
-        transform: a :class:`JointTransform`; None → the exact reference preprocessing at
-            ``size``. A resize-only transform also uses the reference path at its size (then
-            its photometric part, e.g. normalization); a training transform crops the image
-            and the blurred map together from the native resolution.
-        map_normalization: ``"none"`` (reference) or ``"minmax"`` (pre-release variant).
         skip_bad_samples: False → a bad record raises :class:`BadSampleError` naming the file
             and record index. True → it is counted (``self.skips``) and ``__getitem__``
-            returns None, which :func:`harmonia.data.collate.collate_samples` drops.
+            returns None, which :func:`~harmonia.data.sample.collate_samples` drops. A file
+            whose framing is damaged keeps its records before the damage; the lost tail
+            counts as one skip.
         index_dir: where record-offset indexes are cached (None: ``<file>.idx`` beside each file).
         verify_crc: check both CRCs of every record read (cheap; on by default).
         raw_image_range: value range of raw float32 images (255: the reference's float range).
-        augment_on: ``"worker"`` (default) applies ``transform`` here; ``"device"`` (training
-            transform only) returns :class:`~harmonia.data.device_geometry.DecodedSample`\ s, to
-            be batched by :class:`~harmonia.data.device_geometry.DeviceCollate`, whose crop, flip
-            and map blur run batched on the training device (``ClickMeDataModule`` does it in
-            ``on_after_batch_transfer``; see :mod:`harmonia.data.device_geometry`).
-        map_decode: how samples get the heatmap's 64-px map: ``"exact"`` (the reference) or
-            ``"scaled"`` (DCT-scaled JPEG decoding; module docstring).
-
-    A truncated file is found while indexing: an error, or with ``skip_bad_samples`` the
-    records before the damage are kept and the lost tail is counted as one skip.
     """
 
     def __init__(
         self,
         files: str | Sequence[str],
-        num_classes: int = 1000,
-        size: int = 224,
-        transform: JointTransform | None = None,
-        map_normalization: MapNormalization = "none",
+        num_classes: int | None = 1000,
         skip_bad_samples: bool = False,
         index_dir: str | None = None,
         verify_crc: bool = True,
         raw_image_range: float = 255.0,
-        augment_on: Literal["worker", "device"] = "worker",
-        map_decode: Literal["exact", "scaled"] = "exact",
     ) -> None:
-        if map_decode not in ("exact", "scaled"):
-            raise ValueError(f"map_decode must be 'exact' or 'scaled'; got {map_decode!r}")
-        self.map_decode = map_decode
-        if augment_on not in ("worker", "device"):
-            raise ValueError(f"augment_on must be 'worker' or 'device'; got {augment_on!r}")
-        if augment_on == "device" and (transform is None or not transform.train or transform.jitters):
-            raise ValueError("augment_on='device' needs a training JointTransform without colour jitter")
-        self.augment_on = augment_on
-        if map_normalization not in ("none", "minmax"):
-            raise ValueError(f"map_normalization must be 'none' or 'minmax'; got {map_normalization!r}")
-        self.files = expand_files(files, RECORD_SUFFIXES)
-        self.num_classes, self.transform = num_classes, transform
-        self.size = transform.size if transform is not None else size
-        self.map_normalization, self.skip_bad_samples = map_normalization, skip_bad_samples
-        self.verify_crc, self.raw_image_range = verify_crc, raw_image_range
+        self.num_classes, self.skip_bad_samples, self.raw_image_range = num_classes, skip_bad_samples, raw_image_range
         self.skips = SkipCounter()
-        offsets, owners = [], []
-        for number, path in enumerate(self.files):
-            try:
-                found = record_offsets(path, index_dir)
-            except BadSampleError as err:
-                if not skip_bad_samples:
-                    raise
-                self.skips.add_skipped(err)
-                found = err.partial_offsets  # the records before the damaged frame
-            offsets.append(found)
-            owners.append(np.full(len(found), number, dtype=np.int32))
-        self.offsets = np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
-        self.owners = np.concatenate(owners) if owners else np.zeros(0, np.int32)
-        starts = np.cumsum([0] + [len(o) for o in offsets])
-        self.local_index = np.arange(len(self.offsets)) - starts[self.owners]
-        self._handles: dict[int, BinaryIO] = {}
-        self._pid = os.getpid()
-        self.scratch: dict = {}  # reusable buffers of the batched reader (harmonia.data.clickme_batch)
+        self.index = RecordIndex(expand_files(files, RECORD_SUFFIXES), index_dir, verify_crc,
+                                 keep_damaged=skip_bad_samples)
+        for err in self.index.damaged:
+            self.skips.add_skipped(err)
+
+    @property
+    def files(self) -> list:
+        """The record files, in index order."""
+        return self.index.files
 
     def __len__(self) -> int:
-        return len(self.offsets)
+        return len(self.index)
 
     def where(self, i: int) -> str:
-        """``"<file>, record <k>"`` for global index ``i``."""
-        return f"{self.files[self.owners[i]]}, record {self.local_index[i]}"
+        """``"<file>, record <k>"`` for index ``i``."""
+        return self.index.where(i)
 
-    def fd(self, number: int) -> int:
-        """The descriptor of record file ``number``, opened on first use in this process."""
-        if self._pid != os.getpid():  # a forked worker: its own files, never the parent's
-            self._handles, self._pid = {}, os.getpid()
-        if number not in self._handles:
-            self._handles[number] = open(self.files[number], "rb")
-        return self._handles[number].fileno()
+    def record(self, i: int) -> ClickMeRecord:
+        """Record ``i``'s fields as stored (CRC-checked and parsed, not decoded)."""
+        return parse_clickme(self.index.read(i), self.where(i))
 
-    def read(self, i: int, map_decode: MapDecode = "full") -> ClickMeRecord:
-        """The decoded, checked (not preprocessed) record ``i``; its heatmap as ``map_decode`` says."""
-        number = int(self.owners[i])
-        data = pread_record(self.fd(number), int(self.offsets[i]), self.files[number], int(self.local_index[i]),
-                            self.verify_crc)
-        return self.decode(data, i, map_decode)
+    def decode(self, i: int) -> ClickMeSample:
+        """Record ``i`` read, decoded and checked; a bad record raises :class:`BadSampleError`."""
+        return decode_clickme(self.record(i), self.where(i), self.num_classes, self.raw_image_range)
 
-    def decode(self, data: bytes, i: int, map_decode: MapDecode | None = None) -> ClickMeRecord:
-        """Decode and check the bytes of record ``i`` (``map_decode`` None: the dataset's own)."""
-        where = self.where(i)
-        record = decode_clickme(data, where, self.raw_image_range, map_decode or self.map_decode)
-        check_label(record.label, self.num_classes, where)
-        return record
-
-    def __getitem__(self, i: int) -> Sample | DecodedSample | None:
-        record = self.skips.read_or_skip(lambda: self.read(i, self.map_decode), self.skip_bad_samples)
-        if record is None:
-            return None
-        if self.augment_on == "device":
-            return decoded_sample(record.image, record.heatmap, record.label)
-        image, human_map = preprocess_clickme(record.image, record.heatmap, self.size, self.transform,
-                                              self.map_normalization)
-        return Sample(image, human_map, torch.tensor(True), torch.tensor(record.label, dtype=torch.int64))
-
-    def __getitems__(self, indices: Sequence[int]) -> CollatedBatch | list:
-        """A batch of samples in one call (DataLoader uses it): with ``augment_on="device"``
-        already collated (:mod:`harmonia.data.clickme_batch`), else ``[self[i] for i in indices]``."""
-        if self.augment_on == "device":
-            return read_decoded_batch(self, indices)
-        return [self[i] for i in indices]
+    def __getitem__(self, i: int) -> ClickMeSample | None:
+        return self.skips.read_or_skip(lambda: self.decode(i), self.skip_bad_samples)
 
     def close(self) -> None:
         """Close the open record files (reopened on demand)."""
-        for handle in self._handles.values():
-            handle.close()
-        self._handles = {}
-
-    def __del__(self) -> None:
-        if getattr(self, "_pid", None) == os.getpid():
-            self.close()
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_handles"], state["scratch"] = {}, {}
-        return state
+        self.index.close()
 
 
-def preprocess_clickme(
-    image: Tensor,
-    low_map: Tensor,
-    size: int,
-    transform: JointTransform | None = None,
-    map_normalization: MapNormalization = "none",
-) -> tuple[Tensor, Tensor]:
-    """Reference preprocessing (+ optional joint augmentation) of a decoded record.
+def finish_clickme_batch(batch: ClickMeSample, transform: JointTransform, map_normalization: MapNormalization = "none",
+                         generator: torch.Generator | None = None) -> Sample:
+    """A batch of :class:`ClickMeSample` → ``Sample``, where the batch lives (the training device).
 
-    ``low_map`` is the heatmap's 64-px map ``(1,64,64)``
-    (:func:`~harmonia.data.heatmap.low_res_heatmap` of the full map, or a record decoded with
-    ``map_decode`` ``"exact"``/``"scaled"``). Returns ``(image float (3,size,size) in [0,1]
-    (uint8 if the transform asks for it), map float (1,size,size) >= 0)``.
+    Maps: the reference's blur and bilinear upsampling, to the images' size in training (then
+    cropped with them: ``transform.apply_batch``) or straight to ``transform.size`` otherwise
+    (the reference's exact evaluation path, the image resized bilinearly without antialiasing).
+    ``map_normalization="minmax"`` scales each final map to [0, 1]. ``generator`` draws the
+    crop boxes and flips (None: torch's global generator).
     """
-    if transform is None or transform.resize_only:
-        image = _reference_image(image, size)
-        image = to_float_image(image) if transform is None else transform.finish(image)
-        human_map = blur_low_map(low_map, (size, size)).clamp_(min=0.0)
-    else:
-        human_map = blur_low_map(low_map, image.shape[-2:])
-        image, human_map = transform(image, human_map)
+    if map_normalization not in ("none", "minmax"):
+        raise ValueError(f"map_normalization must be 'none' or 'minmax'; got {map_normalization!r}")
+    image = batch.image.permute(0, 3, 1, 2).float().div_(255.0)
+    map_size = image.shape[-2:] if transform.train else (transform.size, transform.size)
+    human_map = blur_coarse_map(batch.coarse_map.float(), map_size)
+    image, human_map = transform.apply_batch(image, human_map, generator)
     if map_normalization == "minmax":
         human_map = minmax(human_map)
-    return image, human_map
+    return Sample(image.contiguous(), human_map.contiguous(), batch.has_map, batch.label)

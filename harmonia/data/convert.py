@@ -21,13 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from harmonia.data.clickme import RECORD_SUFFIXES, IMAGE_SIGNATURES, decode_clickme
+from harmonia.data.clickme import IMAGE_SIGNATURES, ClickMeRecords, decode_clickme
 from harmonia.data.errors import BadSampleError
-from harmonia.data.example import decode_example
 from harmonia.data.folder import FolderDataset
 from harmonia.data.shards import ShardWriter
-from harmonia.data.tfrecord import iter_records
-from harmonia.data.validate import check_label, expand_files
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -62,44 +59,32 @@ def folder_samples(root: str, num_classes: int | None, skip: bool, skipped: list
         yield sample
 
 
-def clickme_samples(files: Sequence[Path], num_classes: int, skip: bool, skipped: list[str]) -> Iterator[dict[str, Any]]:
-    """Tar samples of ClickMe records, each checked by decoding it (CRCs included)."""
-    number = 0
-    for path in files:
-        records = iter_records(path)
-        while True:
-            try:
-                index, data = next(records)
-            except StopIteration:
-                break
-            except BadSampleError as err:  # damaged framing: the rest of this file is lost
-                if not skip:
-                    raise
-                skipped.append(f"{err} (rest of the file)")
-                break
-            where = f"{path}, record {index}"
-            try:
-                record = decode_clickme(data, where)  # checks the map too
-                check_label(record.label, num_classes, where)
-            except BadSampleError as err:
-                if not skip:
-                    raise
-                skipped.append(str(err))
-                continue
-            features = decode_example(data)
-            sample = {"__key__": f"{number:09d}", "cls": str(record.label).encode(),
-                      "json": json.dumps({"source": where, "click_count": record.click_count}).encode()}
-            raw_image, raw_map = features["image"][0], features["heatmap"][0]
-            if isinstance(raw_image, bytes) and raw_image.startswith(IMAGE_SIGNATURES):
-                sample[_suffix(raw_image)] = raw_image
-            else:
-                sample["image.npy"] = _npy(record.image.numpy())
-            if isinstance(raw_map, bytes) and raw_map.startswith(IMAGE_SIGNATURES):
-                sample[f"map.{_suffix(raw_map)}"] = raw_map
-            else:
-                sample["map.npy"] = _npy(record.heatmap.numpy())
-            number += 1
-            yield sample
+def clickme_samples(source: str | Sequence[str], num_classes: int, skip: bool,
+                    skipped: list[str]) -> Iterator[dict[str, Any]]:
+    """Tar samples of ClickMe records, each checked by decoding it as training does (CRCs included)."""
+    records = ClickMeRecords(source, num_classes, skip_bad_samples=skip)
+    skipped.extend(f"{err} (rest of the file)" for err in records.index.damaged)
+    for i in range(len(records)):
+        where = records.where(i)
+        try:
+            record = records.record(i)
+            decode_clickme(record, where, num_classes, records.raw_image_range)  # checks the map too
+        except BadSampleError as err:
+            if not skip:
+                raise
+            skipped.append(str(err))
+            continue
+        sample = {"__key__": f"{i:09d}", "cls": str(record.label).encode(),
+                  "json": json.dumps({"source": where, "click_count": record.click_count}).encode()}
+        if isinstance(record.image, bytes):
+            sample[_suffix(record.image)] = record.image
+        else:  # raw float32: stored in [0, 1], as the shard reader expects
+            sample["image.npy"] = _npy(record.image.numpy() / records.raw_image_range)
+        if isinstance(record.heatmap, bytes):
+            sample[f"map.{_suffix(record.heatmap)}"] = record.heatmap
+        else:
+            sample["map.npy"] = _npy(record.heatmap.numpy())
+        yield sample
 
 
 def convert(source: str, out: str, max_count: int = 1000, prefix: str = "shard", num_classes: int | None = None,
@@ -113,8 +98,7 @@ def convert(source: str, out: str, max_count: int = 1000, prefix: str = "shard",
         samples = folder_samples(source, num_classes, skip_bad_samples, skipped)
         writer = ShardWriter(out, prefix, max_count, map_preprocessing="none")
     else:
-        files = expand_files(source, RECORD_SUFFIXES)
-        samples = clickme_samples(files, num_classes or 1000, skip_bad_samples, skipped)
+        samples = clickme_samples(source, num_classes or 1000, skip_bad_samples, skipped)
         writer = ShardWriter(out, prefix, max_count, map_preprocessing="clickme")
     try:
         for sample in samples:

@@ -6,6 +6,7 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
 from harmonia.data.digits import DecoyDigits, DecoyMode
+from harmonia.data.sample import Sample
 
 
 class DecoyDigitsDataModule(pl.LightningDataModule):
@@ -67,3 +68,9 @@ class DecoyDigitsDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """The test split, for ``harmonia predict``."""
         return self._loader("test", shuffle=False)
+
+    def finish_batch(self, batch: Sample, train: bool = False) -> Sample:
+        """The batch the module trains on, from a batch of this module's datasets: the same
+        (decoy digits are ready in memory); here so that code reading datasets directly can
+        call ``datamodule.finish_batch`` on any Harmonia DataModule."""
+        return batch

@@ -5,15 +5,15 @@ Each split is a *source*, recognized by what it names:
 - a folder holding ``index.csv`` → an image folder (:mod:`harmonia.data.folder`);
 - anything else → ClickMe TFRecords: a file, a folder of ``*.tfrecords``, a glob or a list.
 
-Workers hand over ``uint8`` images (4× less to collate and to copy between processes);
-``on_after_batch_transfer`` makes them float in [0, 1] on the device, so the module sees the
-batch contract. (With ``normalize: true`` the workers normalize and hand over floats.)
-
-Where the training augmentation runs (``augment_on``): ``"auto"`` (default) picks ``"device"``
-when the trainer runs on an accelerator (GPU) and the training source allows it (ClickMe
-records or ClickMe shards, no colour jitter, no mixture), else ``"worker"``; the choice is
-logged. On a GPU, ``"device"`` leaves workers little beyond decoding (benchmarks/README.md);
-on the CPU the same work would run in the training process instead of in parallel workers.
+Where the work happens: DataLoader workers read, check and decode each sample (one sample at a
+time, batched by the DataLoader's own collate and shared memory). ClickMe records and ClickMe
+shards arrive as :class:`~harmonia.data.clickme.ClickMeSample` batches (``uint8`` images at
+their own size, 64-px maps); ``on_after_batch_transfer`` then blurs the maps, crops and flips
+image and map together (training) or resizes them (evaluation), batched, on the training
+device, on a GPU and on the CPU alike. Image folders and plain shards hold images of many
+sizes, so their samples are cropped in the workers (:class:`JointTransform`) and arrive as
+``Sample`` batches with ``uint8`` images. Either way the module receives the batch contract,
+``Sample`` with float images in [0, 1] (normalized only with ``normalize: true``).
 
 ``unmapped_train`` adds a second, map-less training source (e.g. ImageNet as a folder) mixed
 in at ``1 - mapped_fraction`` of every batch (:mod:`harmonia.data.mixture`; the lab's
@@ -32,18 +32,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from harmonia.data.clickme import ClickMeRecords, MapNormalization
-from harmonia.data.collate import collate_samples
-from harmonia.data.device_geometry import DeviceBatch, DeviceCollate, apply_device_geometry
+from harmonia.data.clickme import ClickMeRecords, ClickMeSample, MapNormalization, finish_clickme_batch
 from harmonia.data.folder import FolderDataset
-from harmonia.data.mixture import MixtureDataset, MixtureSampler
-from harmonia.data.shards import MANIFEST, ShardDataset, read_manifest
-from harmonia.data.sample import Sample
+from harmonia.data.heatmap import minmax
+from harmonia.data.mixture import MixedBatch, MixtureDataset, MixtureSampler
+from harmonia.data.sample import Sample, collate_samples
+from harmonia.data.shards import MANIFEST, ShardDataset
 from harmonia.data.transforms import JointTransform, to_float_image
 
 Source = str | list[str]
@@ -91,18 +91,12 @@ class ClickMeDataModule(pl.LightningDataModule):
         image_size: side of the square images and maps in batches (reference: 224).
         crop_scale: area range of the training random resized crop.
         hflip: probability of a horizontal flip in training.
-        color_jitter: ``[brightness, contrast, saturation, hue]`` (image only), or None.
-        normalize: normalize images with ImageNet statistics (off: models normalize themselves).
-        map_normalization: ``"none"`` (reference) or ``"minmax"`` (pre-release: maps in [0, 1]).
+        color_jitter: ``[brightness, contrast, saturation, hue]`` (image only, training only), or None.
+        normalize: normalize images with ImageNet statistics, on the training device (off:
+            models normalize themselves).
+        map_normalization: ``"none"`` (reference) or ``"minmax"`` (pre-release: each map scaled
+            to [0, 1]), applied to the maps of every source on the training device.
         augment: random crop/flip/jitter in training; False trains on the evaluation transform.
-        augment_on: ``"worker"``: training transforms run in the DataLoader workers;
-            ``"device"``: ClickMe records/shards only, workers decode and the crop, flip and map
-            blur run batched on the training device (``on_after_batch_transfer``), which
-            frees the workers' CPU (benchmarks/README.md); no colour jitter, no mixtures;
-            ``"auto"``: ``"device"`` on an accelerator when the source allows it, else ``"worker"``.
-        train_map_decode: the training maps' 64-px map from JPEG: ``"scaled"`` (DCT-domain
-            decoding at 1/4 scale, ~4× cheaper; < 1% of the peak from the reference after the
-            blur) or ``"exact"``; validation and test always use ``"exact"`` (the reference).
         batch_size: per-process batch size.
         num_workers: DataLoader workers per process.
         seed: order of mixtures and shards (the same on every rank).
@@ -128,8 +122,6 @@ class ClickMeDataModule(pl.LightningDataModule):
         normalize: bool = False,
         map_normalization: MapNormalization = "none",
         augment: bool = True,
-        augment_on: Literal["auto", "worker", "device"] = "auto",
-        train_map_decode: Literal["scaled", "exact"] = "scaled",
         batch_size: int = 64,
         num_workers: int = 4,
         seed: int = 0,
@@ -143,57 +135,43 @@ class ClickMeDataModule(pl.LightningDataModule):
             raise ValueError("ClickMeDataModule needs at least one of train, val, test")
         if unmapped_train is not None and train is None:
             raise ValueError("unmapped_train is mixed into train: give train too")
-        if augment_on not in ("auto", "worker", "device"):
-            raise ValueError(f"augment_on must be 'auto', 'worker' or 'device'; got {augment_on!r}")
-        if train_map_decode not in ("scaled", "exact"):
-            raise ValueError(f"train_map_decode must be 'scaled' or 'exact'; got {train_map_decode!r}")
-        if augment_on == "device" and (unmapped_train is not None or color_jitter is not None or not augment):
-            raise ValueError("augment_on='device' works with augment=True, without color_jitter and mixtures")
+        if map_normalization not in ("none", "minmax"):
+            raise ValueError(f"map_normalization must be 'none' or 'minmax'; got {map_normalization!r}")
         self.save_hyperparameters()
         self.datasets: dict[str, Dataset] = {}
         self._reported: dict[str, int] = {}
+        self._transforms: dict[bool, JointTransform] = {}
+        self._generator: torch.Generator | None = None
 
     # -- building ---------------------------------------------------------------------------
     def transform(self, train: bool) -> JointTransform:
-        """The joint transform of training (augmented) or evaluation (resize)."""
+        """The joint transform of training (augmented) or evaluation (resize), with this module's
+        options; ClickMe batches get it whole on the device (``apply_batch``)."""
+        if train not in self._transforms:  # built once: it is asked for on every batch
+            hp = self.hparams
+            self._transforms[train] = JointTransform(hp.image_size, train=train and hp.augment, scale=hp.crop_scale,
+                                                     hflip=hp.hflip, color_jitter=hp.color_jitter, normalize=hp.normalize)
+        return self._transforms[train]
+
+    def _worker_transform(self, train: bool) -> JointTransform:
+        """The per-sample transform of sources cropped in the workers: ``uint8`` images out,
+        normalization left to the device (as for every source)."""
         hp = self.hparams
         return JointTransform(hp.image_size, train=train and hp.augment, scale=hp.crop_scale, hflip=hp.hflip,
-                              color_jitter=hp.color_jitter, normalize=hp.normalize, uint8_output=True)
-
-    def resolved_augment_on(self) -> Literal["worker", "device"]:
-        """Where the training augmentation runs: ``augment_on``, with ``"auto"`` resolved."""
-        hp = self.hparams
-        if hp.augment_on != "auto":
-            return hp.augment_on
-        trainer = self.trainer
-        on_accelerator = trainer is not None and trainer.strategy.root_device.type != "cpu"
-        possible = (hp.train is not None and hp.augment and hp.color_jitter is None and hp.unmapped_train is None
-                    and (source_kind(hp.train) == "records" or (source_kind(hp.train) == "shards" and
-                         read_manifest(hp.train).get("map_preprocessing") == "clickme")))
-        return "device" if on_accelerator and possible else "worker"
+                              color_jitter=hp.color_jitter, uint8_output=True)
 
     def _open(self, source: Source, train: bool) -> Dataset:
         hp = self.hparams
         kind = source_kind(source)
-        transform = self.transform(train)
-        augment_on = self.resolved_augment_on() if train else "worker"
-        map_decode = hp.train_map_decode if train else "exact"
-        if train:
-            rank_zero_info(f"ClickMeDataModule: training augmentation on the {augment_on} "
-                           f"(augment_on={hp.augment_on!r}), training maps decoded {map_decode!r}")
-        if kind == "folder" and augment_on == "device":
-            raise ValueError(f"{source}: augment_on='device' needs ClickMe records or ClickMe shards, not a folder")
         if kind == "shards":
-            return ShardDataset(source, hp.num_classes, hp.image_size, transform, hp.map_normalization,
+            return ShardDataset(source, hp.num_classes, hp.image_size, self._worker_transform(train),
                                 shuffle=train, shuffle_buffer=hp.shuffle_buffer, seed=hp.seed,
                                 skip_bad_samples=hp.skip_bad_samples, num_workers=hp.num_workers,
-                                rank=self._rank()[0], world_size=self._rank()[1], augment_on=augment_on,
-                                map_decode=map_decode)
+                                rank=self._rank()[0], world_size=self._rank()[1])
         if kind == "folder":
-            return FolderDataset(source, num_classes=hp.num_classes, size=hp.image_size, transform=transform,
-                                 skip_bad_samples=hp.skip_bad_samples)
-        return ClickMeRecords(source, hp.num_classes, hp.image_size, transform, hp.map_normalization,
-                              hp.skip_bad_samples, hp.index_dir, augment_on=augment_on, map_decode=map_decode)
+            return FolderDataset(source, num_classes=hp.num_classes, size=hp.image_size,
+                                 transform=self._worker_transform(train), skip_bad_samples=hp.skip_bad_samples)
+        return ClickMeRecords(source, hp.num_classes, hp.skip_bad_samples, hp.index_dir)
 
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -217,13 +195,12 @@ class ClickMeDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
         hp = self.hparams
         workers = hp.num_workers
-        common = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory}
+        pin = torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory
         if isinstance(dataset, IterableDataset):
             kwargs = {"batch_size": hp.batch_size}
-        if getattr(dataset, "augment_on", "worker") == "device":  # boxes and flips drawn per batch
-            kwargs["collate_fn"] = DeviceCollate(dataset.transform.crop, dataset.transform.hflip)
-        return EpochLoader(dataset, collate_fn=kwargs.pop("collate_fn", collate_samples),
-                           on_epoch=lambda: self._start_epoch(dataset), **common, **kwargs)
+        kwargs.setdefault("collate_fn", collate_samples)
+        return EpochLoader(dataset, num_workers=workers, persistent_workers=workers > 0, pin_memory=pin,
+                           on_epoch=lambda: self._start_epoch(dataset), **kwargs)
 
     def _start_epoch(self, dataset: Dataset) -> None:
         """Report last epoch's skips; tell streamed shards the epoch (their shard order)."""
@@ -259,15 +236,43 @@ class ClickMeDataModule(pl.LightningDataModule):
         return self.test_dataloader()
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """On the training device: uint8 images → float in [0, 1] (the batch contract), and
-        with ``augment_on="device"`` the crop, flip and map blur."""
-        if isinstance(batch, DeviceBatch):
-            hp = self.hparams
-            return apply_device_geometry(batch, hp.image_size, self.transform(True).normalization,
-                                         hp.map_normalization)
-        if isinstance(batch, Sample) and batch.image.dtype == torch.uint8:
-            return batch._replace(image=to_float_image(batch.image))
-        return batch
+        """On the training device: the loader's batch → ``Sample`` (:meth:`finish_batch`), with
+        the training augmentation while the trainer trains."""
+        trainer = self.trainer  # None when called outside a Trainer
+        return self.finish_batch(batch, train=trainer is not None and trainer.training)
+
+    def finish_batch(self, batch: Any, train: bool = False) -> Sample:
+        """A batch as the loaders yield it (where it lies: the training device) → ``Sample``.
+
+        ``ClickMeSample`` batches get the map blur and the training crop and flip (``train``)
+        or the evaluation resize; ``Sample`` batches (cropped in the workers) get their images
+        made float in [0, 1]; both get the optional normalization and map normalization; a
+        mixture's two parts are finished alike and concatenated, mapped first. Also for code
+        that reads a dataset of this module directly (e.g. a probe set:
+        ``finish_batch(collate_samples([dataset[i] for i in indices]))``).
+        """
+        hp = self.hparams
+        if isinstance(batch, MixedBatch):
+            parts = [self.finish_batch(part, train) for part in batch if part is not None]
+            return Sample(*(torch.cat(fields) for fields in zip(*parts))) if len(parts) > 1 else parts[0]
+        if isinstance(batch, ClickMeSample):
+            generator = self._augmentation_rng() if train else None
+            return finish_clickme_batch(batch, self.transform(train), hp.map_normalization, generator)
+        if isinstance(batch, Sample):
+            image = to_float_image(batch.image)
+            if hp.normalize and batch.image.dtype == torch.uint8:  # worker-side transforms leave it to us
+                image = self.transform(False).normalization(image)
+            human_map = minmax(batch.human_map) if hp.map_normalization == "minmax" else batch.human_map
+            return Sample(image, human_map, batch.has_map, batch.label)
+        raise TypeError(f"ClickMeDataModule cannot finish a batch of type {type(batch).__name__}")
+
+    def _augmentation_rng(self) -> torch.Generator:
+        """The generator of the batched crops and flips: seeded from torch's seed (``seed_everything``)
+        and this process's rank, so that DDP ranks do not crop their batches alike."""
+        if self._generator is None:
+            seed = np.random.SeedSequence([torch.initial_seed(), self._rank()[0]]).generate_state(1, np.uint64)[0]
+            self._generator = torch.Generator().manual_seed(int(seed) & (2**63 - 1))
+        return self._generator
 
     # -- bad-sample reporting -----------------------------------------------------------------
     @property

@@ -1,4 +1,4 @@
-"""Decoy digits: Harmonia's embedded dataset, built from scikit-learn's 8×8 digits (SPEC §5).
+"""Decoy digits: Harmonia's embedded dataset, built from scikit-learn's 8×8 digits.
 
 After Ross et al. (2017)'s DecoyMNIST: each digit sits at a random place on a 32×32 canvas
 with a 4×4 *decoy* square in a random corner. In the training split the decoy's shade
@@ -40,7 +40,7 @@ def split_indices(labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
 
 
 def label_shade(labels: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
-    """The training split's decoy shade of each label: ``1 - 0.09·label`` (SPEC §5)."""
+    """The training split's decoy shade of each label: ``1 - 0.09·label``."""
     return 1.0 - 0.09 * labels
 
 

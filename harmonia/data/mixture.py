@@ -21,20 +21,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from torch.utils.data import Dataset, DistributedSampler
 
-from harmonia.data.collate import collate_samples
-from harmonia.data.sample import Sample
+from harmonia.data.errors import BadSampleError
+from harmonia.data.sample import collate_samples
+
+
+class MixedBatch(NamedTuple):
+    """One mixture batch: its ``mapped`` part then its ``unmapped`` part, each collated by its
+    own dataset's rules (e.g. ClickMe records and an image folder yield different intermediate
+    forms), or None when the batch holds none of that source. The DataModule finishes each part
+    on the training device and concatenates them, mapped first."""
+
+    mapped: Any
+    unmapped: Any
 
 
 class MixtureDataset(Dataset):
     """Indices ``0..len(mapped)-1`` are the mapped dataset, the rest the unmapped one.
 
-    Indexed with a *list* (one batch from :class:`MixtureSampler`) it returns the collated
-    batch, so a DataLoader worker builds whole batches (``batch_size=None`` in the loader).
+    Indexed with a *list* (one batch from :class:`MixtureSampler`) it returns the
+    :class:`MixedBatch`, so a DataLoader worker builds whole batches (``batch_size=None`` in
+    the loader).
     """
 
     def __init__(self, mapped: Dataset, unmapped: Dataset) -> None:
@@ -44,9 +55,13 @@ class MixtureDataset(Dataset):
     def __len__(self) -> int:
         return self.boundary + len(self.unmapped)
 
-    def __getitem__(self, index: int | list[int]) -> Sample | None:
+    def __getitem__(self, index: int | list[int]) -> Any:
         if isinstance(index, (list, tuple)):
-            return collate_samples([self[i] for i in index])
+            parts = [[s for s in (self[i] for i in index if (i < self.boundary) == mapped) if s is not None]
+                     for mapped in (True, False)]  # None: a bad sample, skipped
+            if not parts[0] and not parts[1]:
+                raise BadSampleError("batch", f"all {len(index)} samples were bad (skip_bad_samples): check the data")
+            return MixedBatch(*(collate_samples(part) if part else None for part in parts))
         return self.mapped[index] if index < self.boundary else self.unmapped[index - self.boundary]
 
 

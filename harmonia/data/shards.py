@@ -10,8 +10,10 @@ count. One sample is the tar members sharing a key:
     <key>.json                             where it came from (file and record / CSV line)
 
 The manifest's ``map_preprocessing`` says how maps are turned into training maps:
-``"clickme"`` (raw ClickMe heatmaps, blurred as the reference at read time, so the shards
-are a lossless repackaging of the records) or ``"none"`` (maps used as stored).
+``"clickme"`` (raw ClickMe heatmaps, a lossless repackaging of the records: samples are
+decoded exactly as records are, into :class:`~harmonia.data.clickme.ClickMeSample`, and
+blurred, cropped and flipped batched on the training device) or ``"none"`` (maps used as
+stored: samples are cropped in the worker by a :class:`JointTransform`, as image folders).
 
 **Splitting.** Every epoch the shard list is shuffled with ``(seed, epoch)`` (the same on all
 ranks). Shard ``j`` goes to rank ``j mod world``; a rank's ``k``-th shard goes to its worker
@@ -31,7 +33,7 @@ import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,11 +41,10 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode
 
-from harmonia.data.clickme import MapDecode, MapNormalization, preprocess_clickme
-from harmonia.data.heatmap import dct_scaled_map, minmax, unit_map
-from harmonia.data.jpeg import decode_bytes
-from harmonia.data.device_geometry import decoded_sample
+from harmonia.data.clickme import ClickMeSample, clickme_sample
 from harmonia.data.errors import BadSampleError, SkipCounter
+from harmonia.data.heatmap import INTEGER_SCALE
+from harmonia.data.jpeg import decode_bytes
 from harmonia.data.sample import Sample
 from harmonia.data.transforms import JointTransform
 from harmonia.data.validate import check_label, check_map
@@ -154,14 +155,17 @@ def _dist_info() -> tuple[int, int]:
 
 
 class ShardDataset(IterableDataset):
-    """Stream ``Sample``s from a shard folder, split by rank and worker (module docstring).
+    """Stream samples from a shard folder, split by rank and worker (module docstring).
+
+    ClickMe shards yield :class:`~harmonia.data.clickme.ClickMeSample` (as ClickMe records do);
+    other shards yield ``Sample`` (through ``transform``).
 
     Args:
         folder: the shard folder (with ``shards.json``).
         num_classes: labels must lie in ``[0, num_classes)``; None checks only ``>= 0``.
-        size: output side when ``transform`` is None.
-        transform: a :class:`JointTransform` (None: reference resize at ``size``).
-        map_normalization: ``"none"`` | ``"minmax"`` (as in ClickMe).
+        size: output side when ``transform`` is None (shards whose maps are used as stored).
+        transform: a :class:`JointTransform` for shards whose maps are used as stored (None: a
+            resize to ``size``); ClickMe shards are transformed batched, after the loader.
         shuffle: shuffle shards every epoch and samples in a buffer of ``shuffle_buffer``.
         seed: order seed, the same on every rank.
         skip_bad_samples: skip (and count) bad samples instead of raising.
@@ -169,11 +173,6 @@ class ShardDataset(IterableDataset):
             ``RANK``/``WORLD_SIZE`` variables, else 0/1).
         num_workers: the DataLoader's worker count (``__len__`` needs it to compute the quotas;
             iteration uses the real one).
-        augment_on: ``"device"`` yields ``DecodedSample``\ s (ClickMe shards, training transform;
-            batch them with ``DeviceCollate``, see :mod:`harmonia.data.device_geometry`);
-            ``"worker"`` transforms here.
-        map_decode: ClickMe shards: ``"exact"`` or ``"scaled"`` 64-px maps, as in
-            :class:`~harmonia.data.clickme.ClickMeRecords`.
     """
 
     def __init__(
@@ -182,7 +181,6 @@ class ShardDataset(IterableDataset):
         num_classes: int | None = None,
         size: int = 224,
         transform: JointTransform | None = None,
-        map_normalization: MapNormalization = "none",
         shuffle: bool = False,
         shuffle_buffer: int = 1000,
         seed: int = 0,
@@ -190,25 +188,17 @@ class ShardDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         num_workers: int = 0,
-        augment_on: Literal["worker", "device"] = "worker",
-        map_decode: Literal["exact", "scaled"] = "exact",
     ) -> None:
         super().__init__()
-        if map_decode not in ("exact", "scaled"):
-            raise ValueError(f"map_decode must be 'exact' or 'scaled'; got {map_decode!r}")
         self.folder = Path(folder)
         manifest = read_manifest(folder)
-        if augment_on == "device" and (manifest.get("map_preprocessing") != "clickme" or transform is None
-                                       or not transform.train or transform.jitters):
-            raise ValueError(f"{folder}: augment_on='device' needs ClickMe shards and a training transform "
-                             "without colour jitter")
-        self.augment_on = augment_on
         self.names = [s["name"] for s in manifest["shards"]]
         self.counts = [int(s["count"]) for s in manifest["shards"]]
         self.map_preprocessing = manifest.get("map_preprocessing", "none")
-        self.map_decode: MapDecode = map_decode if self.map_preprocessing == "clickme" else "full"
-        self.num_classes, self.size, self.transform = num_classes, size, transform
-        self.map_normalization = map_normalization
+        if self.map_preprocessing not in ("clickme", "none"):
+            raise ValueError(f"{folder}: unknown map_preprocessing {self.map_preprocessing!r} in {MANIFEST}")
+        self.num_classes, self.size = num_classes, size
+        self.transform = transform or JointTransform(size)
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
         self.skip_bad_samples = skip_bad_samples
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
@@ -235,7 +225,7 @@ class ShardDataset(IterableDataset):
         rank, world, _, _ = self._place()
         return sum(self._plan(world, max(self.num_workers, 1))[1])
 
-    def __iter__(self) -> Iterator[Sample | None]:
+    def __iter__(self) -> Iterator[Sample | ClickMeSample | None]:
         rank, world, worker, workers = self._place()
         plan, quota = self._plan(world, workers)
         if worker == 0 and rank == 0:
@@ -255,7 +245,7 @@ class ShardDataset(IterableDataset):
             yielded += 1
             yield sample
 
-    def _samples(self, shards: list[int]) -> Iterator[Sample | None]:
+    def _samples(self, shards: list[int]) -> Iterator[Sample | ClickMeSample | None]:
         for shard in shards:
             url = str(self.folder / self.names[shard])
             position = -1
@@ -271,26 +261,22 @@ class ShardDataset(IterableDataset):
                 self.skips.add_skipped(error)
                 yield None  # keeps quotas honest: the lost sample still counts
 
-    def _decode(self, raw: dict[str, Any], where: str) -> Sample | None:
-        decoded = self.skips.read_or_skip(lambda: decode_shard_sample(raw, where, self.num_classes, self.map_decode),
-                                          self.skip_bad_samples)
-        if decoded is None:
-            return None
-        image, human_map, label = decoded
+    def _decode(self, raw: dict[str, Any], where: str) -> Sample | ClickMeSample | None:
+        return self.skips.read_or_skip(lambda: self.decode(raw, where), self.skip_bad_samples)
+
+    def decode(self, raw: dict[str, Any], where: str) -> Sample | ClickMeSample:
+        """One tar sample (its members by extension) decoded and checked; errors name ``where``."""
+        image, human_map, label = decode_shard_sample(raw, where, self.num_classes)
+        if self.map_preprocessing == "clickme":
+            return clickme_sample(image, human_map, label, where)
         has_map = human_map is not None
-        if self.augment_on == "device":
-            if not has_map:
-                raise BadSampleError(where, "no map member: ClickMe shards need one per sample with augment_on='device'")
-            return decoded_sample(image, human_map, label)
-        if self.map_preprocessing == "clickme" and has_map:
-            image, human_map = preprocess_clickme(image, human_map, self.size, self.transform, self.map_normalization)
+        if has_map:
+            human_map = check_map(human_map, image.shape[-2:], where)
+            scale = INTEGER_SCALE.get(human_map.dtype)
+            human_map = human_map.float().div_(scale) if scale else human_map
         else:
-            transform = self.transform or JointTransform(self.size)
-            if human_map is None:
-                human_map = torch.zeros((1, *image.shape[-2:]))
-            image, human_map = transform(image, human_map)
-            if has_map and self.map_normalization == "minmax":
-                human_map = minmax(human_map)
+            human_map = torch.zeros((1, *image.shape[-2:]))
+        image, human_map = self.transform(image, human_map)
         return Sample(image, human_map, torch.tensor(has_map), torch.tensor(label, dtype=torch.int64))
 
 
@@ -302,11 +288,11 @@ def _load_npy(data: bytes, where: str, what: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
-def decode_shard_sample(raw: dict[str, Any], where: str, num_classes: int | None, map_decode: MapDecode = "full") -> tuple:
-    """``(image uint8/float (3,H,W), map float or None, label)`` of one tar sample.
+def decode_shard_sample(raw: dict[str, Any], where: str, num_classes: int | None) -> tuple:
+    """``(image uint8 (3,H,W) or float in [0, 1], map or None, label)`` of one tar sample.
 
-    The map is ``(1,H,W)``, or its 64-px map ``(1,64,64)`` when ``map_decode`` is ``"exact"``
-    or ``"scaled"`` (see :mod:`harmonia.data.clickme`).
+    The map is decoded but not yet checked or scaled: ``(1,H,W)`` uint8/uint16 (PNG/JPEG) or
+    float (``.npy``, as stored).
     """
     image_key = next((k for k in IMAGE_KEYS if k in raw), None)
     if image_key is None:
@@ -322,12 +308,7 @@ def decode_shard_sample(raw: dict[str, Any], where: str, num_classes: int | None
     map_key = next((k for k in MAP_KEYS if k in raw), None)
     if map_key is None:
         return image, None, label
-    if map_key == "map.jpg" and map_decode == "scaled":
-        low = dct_scaled_map(raw[map_key], where, image.shape[-2:])
-        if low is not None:
-            return image, low, label
-    human_map = check_map(_decode_member(raw, map_key, where, "map", ImageReadMode.GRAY), image.shape[-2:], where)
-    return image, unit_map(human_map, low_res=map_decode != "full"), label
+    return image, _decode_member(raw, map_key, where, "map", ImageReadMode.GRAY), label
 
 
 def _decode_member(raw: dict[str, Any], key: str, where: str, what: str, mode: ImageReadMode) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""TFRecord files without TensorFlow: framing, CRC checks, an offset index, a writer.
+"""TFRecord files without TensorFlow: framing, CRC checks, an offset index, random access, a writer.
 
-A TFRecord file is a sequence of records, each framed as (SPEC §2)::
+A TFRecord file is a sequence of records, each framed as::
 
     uint64 length | uint32 masked_crc32c(length) | data[length] | uint32 masked_crc32c(data)
 
@@ -11,9 +11,10 @@ silently wrong image.
 
 Random access: :func:`record_offsets` scans a file once (headers only, seeking over the data)
 and returns the byte offset of every record; the result is cached in ``<file>.idx`` (or in a
-cache folder) and reused while the file's size and modification time are unchanged. With the
-offsets, a map-style dataset can read record *i* with one seek (:func:`read_record`), which is
-what makes shuffling, DistributedSampler and mixtures possible; :func:`iter_records` streams.
+cache folder) and reused while the file's size and modification time are unchanged.
+:class:`RecordIndex` holds those offsets for a list of files and reads record *i* of the whole
+list, which is what makes shuffling, DistributedSampler and mixtures possible; every reader of
+record files in Harmonia goes through it. :func:`iter_records` streams one file.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import hashlib
 import os
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -80,23 +81,11 @@ def _check_body(body: bytes, length: int, path: str | Path, index: int, verify: 
     return data
 
 
-def read_record(f: BinaryIO, offset: int, path: str | Path, index: int, verify: bool = True) -> bytes:
-    """The data of the record starting at byte ``offset`` of the open file ``f``.
-
-    ``path`` and ``index`` only name the record in errors.
-    """
-    f.seek(offset)
-    length = _read_header(f, path, index, verify)
-    if length is None:
-        raise BadSampleError(_where(path, index), f"no record at byte {offset}: end of file (stale index?)")
-    return _read_body(f, length, path, index, verify)
-
-
 def pread_record(fd: int, offset: int, path: str | Path, index: int, verify: bool = True) -> bytes:
-    """:func:`read_record` on a file descriptor, by two ``os.pread`` calls.
+    """The data of the record starting at byte ``offset`` of the open file ``fd``.
 
-    Half the cost of a seek and two reads through a Python file object (~6 vs ~12 µs per
-    record), and no shared file position, so it needs no seek and no lock.
+    Two ``os.pread`` calls: no shared file position, so no seek and no lock, and no Python
+    file object in the way. ``path`` and ``index`` only name the record in errors.
     """
     length = _parse_header(os.pread(fd, _HEADER.size, offset), path, index, verify)
     if length is None:
@@ -184,6 +173,84 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class RecordIndex:
+    """Random access to every record of a list of TFRecord files: ``read(i)`` → the record's bytes.
+
+    Args:
+        files: the record files, in the order that numbers their records.
+        index_dir: where offset indexes are cached (None: ``<file>.idx`` beside each file).
+        verify_crc: check both CRCs of every record read.
+        keep_damaged: a file whose framing is damaged (a truncated tail, a bad length CRC)
+            raises :class:`BadSampleError` while indexing; with ``keep_damaged`` its records
+            before the damage are kept and the error is stored in ``damaged`` instead.
+
+    Files are opened on first use in each process (a forked DataLoader worker opens its own)
+    and never pickled. Record ``i`` is named in errors as ``"<file>, record <k>"``, ``k``
+    counting within its file.
+    """
+
+    def __init__(self, files: Sequence[str | Path], index_dir: str | Path | None = None, verify_crc: bool = True,
+                 keep_damaged: bool = False) -> None:
+        self.files = [Path(f) for f in files]
+        self.verify_crc = verify_crc
+        self.damaged: list[BadSampleError] = []
+        offsets = []
+        for path in self.files:
+            try:
+                found = record_offsets(path, index_dir)
+            except BadSampleError as err:
+                if not keep_damaged:
+                    raise
+                self.damaged.append(err)
+                found = err.partial_offsets  # the records before the damaged frame
+            offsets.append(found)
+        counts = [len(o) for o in offsets]
+        self.offsets = np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
+        self.file_of = np.repeat(np.arange(len(self.files), dtype=np.int32), counts)
+        self.record_of = np.arange(len(self.offsets)) - np.repeat(np.cumsum([0] + counts[:-1]), counts)
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def where(self, i: int) -> str:
+        """``"<file>, record <k>"`` for record ``i`` of the list."""
+        return _where(self.files[self.file_of[i]], int(self.record_of[i]))
+
+    def read(self, i: int) -> bytes:
+        """The data of record ``i``, its CRCs checked (unless ``verify_crc`` is off)."""
+        if not 0 <= i < len(self.offsets):
+            raise IndexError(f"record {i} out of range: {len(self.offsets)} records in {len(self.files)} file(s)")
+        number = int(self.file_of[i])
+        return pread_record(self._fd(number), int(self.offsets[i]), self.files[number], int(self.record_of[i]),
+                            self.verify_crc)
+
+    def _fd(self, number: int) -> int:
+        if self._pid != os.getpid():  # a forked worker: its own descriptors, never the parent's
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(number)
+        if fd is None:
+            fd = self._fds[number] = os.open(self.files[number], os.O_RDONLY)
+        return fd
+
+    def close(self) -> None:
+        """Close the open files (they are reopened on demand)."""
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds = {}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fds", None):
+            self.close()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_fds"] = {}
+        return state
 
 
 class TFRecordWriter:

@@ -107,26 +107,28 @@ def test_standalone_validate_in_inference_mode_matches_fit(tmp_path: Path) -> No
         assert inference[key] == pytest.approx(after_fit[key], rel=1e-5, abs=1e-6), key
 
 
-@pytest.mark.parametrize(("every", "epochs", "expected"), [(2, 3, [1, "end"]), (1, 2, [0, 1]), (0, 2, ["end"])])
-def test_cadence_and_fit_end(every: int, epochs: int, expected: list, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("every", "epochs", "expected"), [(2, 3, [(1, "epoch"), (2, "last")]), (1, 2, [(0, "epoch"), (1, "last")]),
+                                                      (0, 2, [(1, "last")])])
+def test_cadence_by_epochs(every: int, epochs: int, expected: list, monkeypatch: pytest.MonkeyPatch) -> None:
     monitor = SaliencyMonitor(methods=["saliency"], metrics=["alignment"], every_n_epochs=every)
-    runs, modes = [], []
-    real = monitor.run
+    runs, modes, probes = [], [], []
+    real = monitor.measure
 
-    def spy(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, float]:
-        runs.append("end" if trainer.state.stage == "train" and not trainer.validating else trainer.current_epoch)
-        modes.append(module.training)
-        out = real(trainer, module)
-        modes.append(module.training)
-        return out
+    def spy(trainer: pl.Trainer, module: pl.LightningModule, probe) -> dict[str, float]:
+        runs.append((trainer.current_epoch, monitor.reason))
+        modes.append(module.training)  # inside the run: eval mode
+        probes.append(probe)
+        return real(trainer, module, probe)
 
-    monkeypatch.setattr(monitor, "run", spy)
+    monkeypatch.setattr(monitor, "measure", spy)
     module = _module()
-    _trainer(callbacks=[monitor], max_epochs=epochs).fit(module, datamodule=DecoyDigitsDataModule(batch_size=32))
+    trainer = _trainer(callbacks=[monitor], max_epochs=epochs)
+    trainer.fit(module, datamodule=DecoyDigitsDataModule(batch_size=32))
     assert runs == expected
-    assert modes[::2] == modes[1::2]  # each run hands the model back in the mode it found it
-    labels = monitor._probe.label.tolist()
-    assert labels == list(range(10))  # one probe image per class, chosen once
+    assert not any(modes) and module.training  # each run in eval mode, the model handed back in train mode
+    assert all(p is probes[0] for p in probes)
+    assert probes[0].labels.tolist() == list(range(10))  # one probe image per class, chosen once
+    assert "saliency/saliency/alignment_spearman" in trainer.callback_metrics
 
 
 def test_eval_mode_restores_every_submodule() -> None:
@@ -170,9 +172,11 @@ def test_probe_from_a_stream(tmp_path: Path) -> None:
     monitor = SaliencyMonitor(methods=["saliency"], metrics=["alignment"], per_class=2, grid_rows=3)
     result = _trainer(callbacks=[monitor], logger=CSVLogger(tmp_path)).validate(_module(), datamodule=StreamData(), verbose=False)[0]
     assert "saliency/saliency/alignment_spearman" in result
-    labels = monitor._probe.label.tolist()
-    assert sorted(labels) == sorted(list(range(10)) * 2)
+    trainer = _trainer()
+    probe = monitor.probe(trainer, _module())  # chosen once, kept
+    labels = probe.labels.tolist()
+    assert labels == sorted(list(range(10)) * 2)
     digits = DecoyDigits("val")
     first = [next(i for i in range(len(digits)) if int(digits.labels[i]) == c) for c in range(10)]
-    assert torch.equal(monitor._probe.image[::2], digits.images[first])  # the first of each class, in class order
+    assert torch.equal(probe.images[::2], digits.images[first])  # the first of each class, in class order
     assert _png(tmp_path).shape[0] > 3 * 96

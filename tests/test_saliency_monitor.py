@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,9 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from harmonia.callbacks import SaliencyMonitor
 from harmonia.callbacks.monitor import eval_mode
 from harmonia.data import DecoyDigitsDataModule
-from harmonia.module import AlignedClassifier
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from monitors_run import Classifier  # noqa: E402
 
 METHODS = {
     "saliency": {},
@@ -35,9 +38,9 @@ def _monitor(**kwargs) -> SaliencyMonitor:
     return SaliencyMonitor(**{"methods": METHODS, "metrics": METRICS, **kwargs})
 
 
-def _module() -> AlignedClassifier:
+def _module() -> Classifier:
     torch.manual_seed(0)
-    return AlignedClassifier(arch="cnn", arch_args={"widths": [4, 4], "hidden": 8}, saliency="abs")
+    return Classifier(arch="cnn", arch_args={"widths": [4, 4], "hidden": 8})
 
 
 def _trainer(**kwargs) -> pl.Trainer:
@@ -93,7 +96,7 @@ def test_grid_goes_to_wandb_tensorboard_and_csv(tmp_path: Path, monkeypatch: pyt
 
 
 def test_standalone_validate_in_inference_mode_matches_fit(tmp_path: Path) -> None:
-    """SPEC §10: trainer.validate runs under torch.inference_mode; the monitor must still work."""
+    """trainer.validate runs under torch.inference_mode; the monitor must still work."""
     module, data = _module(), DecoyDigitsDataModule(batch_size=32)
     monitor = _monitor(every_n_epochs=1)
     trainer = _trainer(callbacks=[monitor], max_epochs=1)
@@ -180,3 +183,66 @@ def test_probe_from_a_stream(tmp_path: Path) -> None:
     first = [next(i for i in range(len(digits)) if int(digits.labels[i]) == c) for c in range(10)]
     assert torch.equal(probe.images[::2], digits.images[first])  # the first of each class, in class order
     assert _png(tmp_path).shape[0] > 3 * 96
+
+
+class _Penalty(torch.nn.Module):
+    """Stands in for a training penalty: what the monitor reads is its ``saliency``."""
+
+    def __init__(self, saliency: object | None = None) -> None:
+        super().__init__()
+        if saliency is not None:
+            self.saliency = saliency
+
+
+def _with_penalties(*penalties: torch.nn.Module) -> Classifier:
+    module = _module()
+    module.penalties = torch.nn.ModuleList(penalties)
+    return module
+
+
+def test_training_method_is_the_penalty_saliency_found_at_run_time() -> None:
+    from harmonia.explain import Saliency
+
+    first, second = Saliency("mean_abs", batch_size=7), Saliency("max_abs")
+    module = _with_penalties(_Penalty(), _Penalty(first), _Penalty(second))
+    monitor = SaliencyMonitor(methods={"loss": {"method": "training"}, "other": {"method": "training", "penalty": 2}}, metrics=[])
+    resolved = monitor.resolved(module)
+    assert resolved["loss"] is first and resolved["other"] is second  # the first penalty with a saliency; `penalty` picks
+    x, y = torch.rand(5, 1, 32, 32), torch.arange(5)
+    maps = monitor.explain(module, x, y)
+    torch.testing.assert_close(maps["loss"], first.attribute(module.model, x, y), rtol=0, atol=0)
+    torch.testing.assert_close(maps["other"], second.attribute(module.model, x, y), rtol=0, atol=0)
+    module.penalties[1].saliency = second  # resolved at each run, not kept from the first one
+    assert monitor.resolved(module)["loss"] is second
+
+
+def test_training_method_scores_like_the_same_explicit_saliency(tmp_path: Path) -> None:
+    from harmonia.explain import Saliency
+
+    data = DecoyDigitsDataModule(batch_size=32)
+    module = _with_penalties(_Penalty(Saliency("mean_abs")))
+    results = []
+    for method in ({"method": "training"}, {"method": "saliency", "reduction": "mean_abs"}):
+        monitor = SaliencyMonitor(methods={"loss_map": method}, metrics=["alignment", "deletion"], grid_rows=0)
+        results.append(_saliency_values(_trainer(callbacks=[monitor], inference_mode=True).validate(module, datamodule=data, verbose=False)[0]))
+    assert results[0] and results[0] == results[1]
+
+
+def test_training_method_errors_name_the_fix() -> None:
+    from harmonia.explain import Saliency
+
+    with pytest.raises(ValueError, match="takes only `penalty`"):
+        SaliencyMonitor(methods={"m": {"method": "training", "reduction": "mean_abs"}})
+    cases = [
+        (_module(), {}, "has no `penalties`"),
+        (_with_penalties(_Penalty()), {}, "no penalty of Classifier has a `saliency`"),
+        (_with_penalties(_Penalty(), _Penalty(Saliency())), {"penalty": 0}, "penalty 0 \\(_Penalty\\) has no `saliency`"),
+        (_with_penalties(_Penalty(Saliency())), {"penalty": 3}, "penalty 3 does not exist"),
+    ]
+    for module, options, message in cases:
+        steps = []
+        monitor = SaliencyMonitor(methods={"m": {"method": "training", **options}}, metrics=["alignment"])
+        module.validation_step = lambda *args, steps=steps: steps.append(1)
+        with pytest.raises(ValueError, match=message):  # before the first validation batch
+            _trainer(callbacks=[monitor]).validate(module, datamodule=DecoyDigitsDataModule(batch_size=32), verbose=False)
+        assert not steps

@@ -227,10 +227,21 @@ class ProbeMonitor(pl.Callback):
             first = next(iter(loader)) if is_stream(dataset) else dataset[0]
             image = torch.as_tensor(as_sample(first, "the probe's first sample").image)
             image = image if is_stream(dataset) else image[None]
-            model = self.model(pl_module)
-            with evaluation(model, grad=False):
-                count = model(self.inputs(model, image[:1].clone())).shape[-1]
+            with evaluation(pl_module, grad=False):
+                count = self._forward_one(pl_module, image[:1].clone()).shape[-1]
         return list(range(int(count)))
+
+    def _forward_one(self, pl_module: pl.LightningModule, images: Tensor) -> Tensor:
+        """The model's output for ``images[:1]``; a clear error when it cannot take such images."""
+        model = self.model(pl_module)
+        try:
+            with torch.no_grad():
+                return model(self.inputs(model, images[:1]))
+        except RuntimeError as error:
+            raise ValueError(
+                f"{type(self).__name__}: {type(model).__name__} cannot take the {self.stage} data's images of shape "
+                f"{tuple(images.shape[1:])} ({error}); make the data's image size match the model's input size"
+            ) from error
 
     # ----- cadence -----------------------------------------------------------------------
     def _fitting(self, trainer: pl.Trainer) -> bool:
@@ -249,17 +260,8 @@ class ProbeMonitor(pl.Callback):
     def _dry_forward(self, pl_module: pl.LightningModule, probe: Probe) -> None:
         """One probe image through the model: images the model cannot take fail here, not mid-run."""
         images = probe.images if len(probe) else (probe.head.images if probe.head is not None else probe.images)
-        if not len(images):
-            return
-        model = self.model(pl_module)
-        try:
-            with torch.no_grad():
-                model(self.inputs(model, images[:1]))
-        except RuntimeError as error:
-            raise ValueError(
-                f"{type(self).__name__}: {type(model).__name__} cannot take the {self.stage} data's images of shape "
-                f"{tuple(images.shape[1:])} ({error}); make the data's image size match the model's input size"
-            ) from error
+        if len(images):
+            self._forward_one(pl_module, images)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check the configuration before the first step; start the cadence afresh."""

@@ -265,3 +265,9 @@ def test_monitor_options_are_checked() -> None:
         _Recorder(per_class=0)
     with pytest.raises(ValueError, match="stage"):
         _Recorder(stage="test")
+
+
+def test_a_rank_with_no_probe_row_keeps_the_shapes() -> None:
+    """More ranks than probe rows: the empty share still has (0, C, H, W) images for the collective code."""
+    empty = choose_probe(_Pairs(), [0], per_class=2, rank=2, world_size=3)
+    assert empty.size == 2 and len(empty) == 0 and empty.images.shape == (0, 1, 8, 8) and empty.human_maps is None

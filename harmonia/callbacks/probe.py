@@ -100,23 +100,22 @@ class Probe:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def rows(self, index: Tensor | Sequence[int]) -> Probe:
-        """The probe restricted to the rows ``index`` of this share (``head`` dropped)."""
-        index = torch.as_tensor(index, dtype=torch.long)
-        pick = lambda t: None if t is None else t[index]  # noqa: E731
-        return Probe(self.images[index], self.labels[index], pick(self.human_maps), pick(self.has_map),
-                     self.positions[index], self.size)
 
+def _stack(samples: Sequence[Sample], positions: Sequence[int], size: int, like: Sample | None = None) -> Probe:
+    """A :class:`Probe` from samples, as normal (not inference) CPU tensors.
 
-def _stack(samples: Sequence[Sample], positions: Sequence[int], size: int) -> Probe:
-    """A :class:`Probe` from samples, as normal (not inference) CPU tensors."""
+    An empty share (more ranks than probe rows) keeps the shapes of ``like``, so a rank with no
+    rows still runs the same collective code as the others.
+    """
     with torch.inference_mode(False):
-        column = lambda k: [torch.as_tensor(s[k]).detach().cpu().clone() for s in samples]  # noqa: E731
-        images = torch.stack(column(0)) if samples else torch.zeros(0)
+        rows = list(samples) or ([like] if like is not None else [])
+        column = lambda k: [torch.as_tensor(s[k]).detach().cpu().clone() for s in rows]  # noqa: E731
+        keep = slice(None) if samples else slice(0, 0)
+        images = torch.stack(column(0))[keep] if rows else torch.zeros(0)
         labels = torch.tensor([int(s.label) for s in samples], dtype=torch.long)
-        has_maps = bool(samples) and all(s.human_map is not None and s.has_map is not None for s in samples)
-        human = torch.stack(column(1)) if has_maps else None
-        has_map = torch.stack(column(2)).bool().reshape(-1) if has_maps else None
+        has_maps = bool(rows) and all(s.human_map is not None and s.has_map is not None for s in rows)
+        human = torch.stack(column(1))[keep] if has_maps else None
+        has_map = torch.stack(column(2)).bool().reshape(-1)[keep] if has_maps else None
         return Probe(images, labels, human, has_map, torch.as_tensor(list(positions), dtype=torch.long), size)
 
 
@@ -197,9 +196,9 @@ def choose_probe(
                 cache[j] = as_sample(dataset[chosen[j]], f"sample {chosen[j]} of {type(dataset).__name__}")
             return cache[j]
 
-        with torch.inference_mode(False):
-            probe = _stack([read(j) for j in mine], mine, size)
-            probe.head = _stack([read(j) for j in head], head, size) if head_rows else None
+        like = read(0) if size else None
+        probe = _stack([read(j) for j in mine], mine, size, like)
+        probe.head = _stack([read(j) for j in head], head, size, like) if head_rows else None
         return probe
 
     if not isinstance(source, DataLoader):
@@ -211,7 +210,8 @@ def choose_probe(
         samples = broadcast(samples)
     size = len(samples)
     mine = rank_shard(range(size), rank, world_size) if shard else list(range(size))
-    probe = _stack([samples[j] for j in mine], mine, size)
+    like = samples[0] if samples else None
+    probe = _stack([samples[j] for j in mine], mine, size, like)
     head = list(range(min(head_rows, size)))
-    probe.head = _stack([samples[j] for j in head], head, size) if head_rows else None
+    probe.head = _stack([samples[j] for j in head], head, size, like) if head_rows else None
     return probe

@@ -271,3 +271,12 @@ def test_a_rank_with_no_probe_row_keeps_the_shapes() -> None:
     """More ranks than probe rows: the empty share still has (0, C, H, W) images for the collective code."""
     empty = choose_probe(_Pairs(), [0], per_class=2, rank=2, world_size=3)
     assert empty.size == 2 and len(empty) == 0 and empty.images.shape == (0, 1, 8, 8) and empty.human_maps is None
+
+
+def test_inputs_are_fresh_copies_of_the_probe() -> None:
+    model = nn.Linear(2, 2).double()
+    kept = torch.rand(3, 2)
+    x = ProbeMonitor.inputs(model, kept).requires_grad_(True)
+    assert x.dtype == torch.float64 and not kept.requires_grad
+    same_dtype = ProbeMonitor.inputs(nn.Linear(2, 2), kept)
+    assert same_dtype.data_ptr() != kept.data_ptr() and torch.equal(same_dtype, kept)

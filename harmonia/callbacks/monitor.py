@@ -184,10 +184,15 @@ class ProbeMonitor(pl.Callback):
 
     @staticmethod
     def inputs(model: nn.Module, images: Tensor) -> Tensor:
-        """``images`` on the model's device, in its parameters' dtype (a ``16-true`` model holds fp16 weights)."""
+        """A copy of ``images`` on the model's device, in its parameters' dtype (a ``16-true`` model holds fp16 weights).
+
+        Always a new, normal tensor (made outside inference mode), never the kept probe itself:
+        a caller may set ``requires_grad`` on it or write into it.
+        """
         param = next((p for p in model.parameters() if p.is_floating_point()), None)
         device, dtype = (param.device, param.dtype) if param is not None else (images.device, images.dtype)
-        return images.to(device=device, dtype=dtype if images.is_floating_point() else images.dtype)
+        with torch.inference_mode(False):
+            return images.to(device=device, dtype=dtype if images.is_floating_point() else images.dtype, copy=True)
 
     def gather_rows(self, pl_module: pl.LightningModule, local: Tensor, probe: Probe, rows: int) -> Tensor:
         """The first ``rows`` probe rows of a per-row result (``local``: one row per row of this rank's share), on every rank.

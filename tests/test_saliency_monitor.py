@@ -1,4 +1,5 @@
-"""SaliencyMonitor: cadence, loggers (W&B, TensorBoard, CSV/PNG), inference-mode validate, DDP = 1 process."""
+"""SaliencyMonitor: cadence, loggers (W&B, TensorBoard, CSV/PNG), inference-mode validate, DDP = 1 process,
+stream probes, the `training` method."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from torch.utils.data import DataLoader, IterableDataset
 
 from harmonia.callbacks import SaliencyMonitor
 from harmonia.callbacks.monitor import eval_mode
-from harmonia.data import DecoyDigitsDataModule
+from harmonia.data import DecoyDigits, DecoyDigitsDataModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from monitors_run import Classifier  # noqa: E402
@@ -155,25 +157,25 @@ def test_configuration_errors() -> None:
     assert list(monitor.metrics) == [("b", "del")]
 
 
+class _Stream(IterableDataset):
+    """Validation digits without random access (as tar shards are)."""
+
+    def __init__(self) -> None:
+        self.digits, self.num_classes = DecoyDigits("val"), 10
+
+    def __iter__(self):
+        return (self.digits[i] for i in range(len(self.digits)))
+
+
+class _StreamData(pl.LightningDataModule):
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(_Stream(), batch_size=16)
+
+
 def test_probe_from_a_stream(tmp_path: Path) -> None:
     """Validation data without random access (tar shards): the first images of each class."""
-    from torch.utils.data import DataLoader, IterableDataset
-
-    from harmonia.data import DecoyDigits
-
-    class Stream(IterableDataset):
-        def __init__(self) -> None:
-            self.digits, self.num_classes = DecoyDigits("val"), 10
-
-        def __iter__(self):
-            return (self.digits[i] for i in range(len(self.digits)))
-
-    class StreamData(pl.LightningDataModule):
-        def val_dataloader(self) -> DataLoader:
-            return DataLoader(Stream(), batch_size=16)
-
     monitor = SaliencyMonitor(methods=["saliency"], metrics=["alignment"], per_class=2, grid_rows=3)
-    result = _trainer(callbacks=[monitor], logger=CSVLogger(tmp_path)).validate(_module(), datamodule=StreamData(), verbose=False)[0]
+    result = _trainer(callbacks=[monitor], logger=CSVLogger(tmp_path)).validate(_module(), datamodule=_StreamData(), verbose=False)[0]
     assert "saliency/saliency/alignment_spearman" in result
     trainer = _trainer()
     probe = monitor.probe(trainer, _module())  # chosen once, kept
@@ -183,6 +185,18 @@ def test_probe_from_a_stream(tmp_path: Path) -> None:
     first = [next(i for i in range(len(digits)) if int(digits.labels[i]) == c) for c in range(10)]
     assert torch.equal(probe.images[::2], digits.images[first])  # the first of each class, in class order
     assert _png(tmp_path).shape[0] > 3 * 96
+
+
+def test_a_stream_probe_under_ddp_equals_one_process(tmp_path: Path) -> None:
+    """Rank zero reads the stream and sends its choice; the two ranks score disjoint halves of it."""
+    def values(**kwargs) -> dict[str, float]:
+        monitor = SaliencyMonitor(methods=["saliency"], metrics=["alignment", "deletion"], per_class=2, grid_rows=0)
+        return _saliency_values(_trainer(callbacks=[monitor], **kwargs).validate(_module(), datamodule=_StreamData(), verbose=False)[0])
+
+    single, double = values(), values(strategy="ddp_spawn", devices=2)
+    assert single and single.keys() == double.keys()
+    for key in single:
+        assert double[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
 
 
 class _Penalty(torch.nn.Module):

@@ -217,7 +217,7 @@ def _with_penalties(*penalties: torch.nn.Module) -> Classifier:
 def test_training_method_is_the_penalty_saliency_found_at_run_time() -> None:
     from harmonia.explain import Saliency
 
-    first, second = Saliency("mean_abs", batch_size=7), Saliency("max_abs")
+    first, second = Saliency(reduction="mean_abs", batch_size=7), Saliency(reduction="max_abs")
     module = _with_penalties(_Penalty(), _Penalty(first), _Penalty(second))
     monitor = SaliencyMonitor(methods={"loss": {"method": "training"}, "other": {"method": "training", "penalty": 2}}, metrics=[])
     resolved = monitor.resolved(module)
@@ -234,7 +234,7 @@ def test_training_method_scores_like_the_same_explicit_saliency(tmp_path: Path) 
     from harmonia.explain import Saliency
 
     data = DecoyDigitsDataModule(batch_size=32)
-    module = _with_penalties(_Penalty(Saliency("mean_abs")))
+    module = _with_penalties(_Penalty(Saliency(reduction="mean_abs")))
     results = []
     for method in ({"method": "training"}, {"method": "saliency", "reduction": "mean_abs"}):
         monitor = SaliencyMonitor(methods={"loss_map": method}, metrics=["alignment", "deletion"], grid_rows=0)

@@ -1,4 +1,4 @@
-"""ConceptMonitor and LipschitzMonitor: loggers, stand-alone validate, cadence, drift, DDP, bf16 warning."""
+"""ConceptMonitor and LipschitzMonitor: loggers, stand-alone validate, cadence, drift, DDP, bf16 warning, early checks."""
 
 from __future__ import annotations
 
@@ -14,19 +14,18 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from harmonia.callbacks import ConceptMonitor, LipschitzMonitor
 from harmonia.data import DecoyDigitsDataModule
-from harmonia.module import AlignedClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import monitors_run  # noqa: E402
+from monitors_run import Classifier  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small Lipschitz CNN trained for 12 steps (concepts of an untrained net are near-ties)."""
     torch.manual_seed(0)
-    module = AlignedClassifier(arch="lipschitz_cnn", arch_args=monitors_run.SMALL, lambda_harmonization=0.0,
-                               optimizer=lambda p: torch.optim.Adam(p, lr=5e-3))
+    module = Classifier(arch_args=monitors_run.SMALL)
     pl.Trainer(accelerator="cpu", max_steps=12, limit_val_batches=0, logger=False, enable_checkpointing=False,
                enable_progress_bar=False, enable_model_summary=False).fit(module, datamodule=DecoyDigitsDataModule(batch_size=64))
     path = tmp_path_factory.mktemp("weights") / "small.pt"
@@ -34,8 +33,8 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _module(weights: Path) -> AlignedClassifier:
-    module = AlignedClassifier(arch="lipschitz_cnn", arch_args=monitors_run.SMALL)
+def _module(weights: Path) -> Classifier:
+    module = Classifier(arch_args=monitors_run.SMALL)
     module.load_state_dict(torch.load(weights))
     return module
 
@@ -43,7 +42,7 @@ def _module(weights: Path) -> AlignedClassifier:
 @pytest.mark.parametrize("kind", ["csv", "tensorboard", "wandb"])
 def test_standalone_validate_writes_scalars_and_pictures(kind: str, weights: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """Stand-alone validate runs under torch.inference_mode (SPEC §10); pictures reach each logger."""
+    """Stand-alone validate runs under torch.inference_mode; pictures reach each logger."""
     if kind == "csv":
         logger = CSVLogger(tmp_path)
     elif kind == "tensorboard":
@@ -60,7 +59,7 @@ def test_standalone_validate_writes_scalars_and_pictures(kind: str, weights: Pat
     for c in (0, 3):
         assert {f"concepts/class_{c}/importance/concept_{j}" for j in range(3)} <= metrics.keys()
         assert 0 <= metrics[f"concepts/class_{c}/reconstruction_error"] < 1
-        assert concepts.results[c].importance.shape == (3,)
+        assert concepts.concepts[c].importance.shape == (3,)
     accs = [metrics[f"lipschitz/certified_acc@{e:g}"] for e in (0.01, 0.05, 0.1)]
     assert accs == sorted(accs, reverse=True) and accs[0] > 0  # certified accuracy falls as ε grows
     assert 0 < metrics["lipschitz/empirical_lower_bound"] <= 1.001
@@ -84,9 +83,9 @@ def test_standalone_validate_writes_scalars_and_pictures(kind: str, weights: Pat
 
 
 def test_fit_cadence_drift_and_checkpoint_state(weights: Path, tmp_path: Path) -> None:
-    concepts = ConceptMonitor(layer=5, classes=[1], n_concepts=3, patch_size=16, images_per_class=5, nb_design=8,
+    concepts = ConceptMonitor(layer=5, classes=[1], n_concepts=3, patch_size=16, per_class=5, nb_design=8,
                               top_crops=2, attribution_images=0, every_n_epochs=1)
-    lipschitz = LipschitzMonitor(epsilons=[0.05], probe_per_class=2, every_n_epochs=1, layers_every_n_epochs=2)
+    lipschitz = LipschitzMonitor(epsilons=[0.05], per_class=2, every_n_epochs=1, layers_every_n_epochs=2)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=2, limit_val_batches=1,
                          logger=CSVLogger(tmp_path), callbacks=[concepts, lipschitz], enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
@@ -106,7 +105,7 @@ def test_fit_cadence_drift_and_checkpoint_state(weights: Path, tmp_path: Path) -
     assert 0 < drift <= 1 + 1e-6
     restored = ConceptMonitor(layer=5, classes=[1])
     restored.load_state_dict(concepts.state_dict())
-    assert torch.equal(restored.previous[1], concepts.results[1].bank.components.cpu())
+    assert torch.equal(restored.previous[1], concepts.concepts[1].bank.components.cpu())
 
 
 def test_ddp_two_processes_equal_one_process(weights: Path, tmp_path: Path) -> None:
@@ -126,26 +125,51 @@ def test_ddp_two_processes_equal_one_process(weights: Path, tmp_path: Path) -> N
         assert two["lipschitz"][key] == pytest.approx(value, abs=1e-5), key
 
 
-def test_models_without_a_certificate_are_refused(tmp_path: Path) -> None:
-    module = AlignedClassifier(arch="cnn", arch_args=monitors_run.SMALL)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=[LipschitzMonitor()], limit_val_batches=1,
-                         enable_progress_bar=False, enable_model_summary=False)
+class _CountSteps(pl.Callback):
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_start(self, *args) -> None:
+        self.steps += 1
+
+
+@pytest.mark.parametrize("fn", ["fit", "validate"])
+def test_models_without_a_certificate_are_refused_before_the_first_step(fn: str) -> None:
+    module = Classifier(arch="cnn", arch_args=monitors_run.SMALL)
+    steps = _CountSteps()
+    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=[LipschitzMonitor(), steps], limit_val_batches=1,
+                         max_epochs=1, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     with pytest.raises(ValueError, match="carries no Lipschitz certificate"):
-        trainer.validate(module, datamodule=DecoyDigitsDataModule(batch_size=16), verbose=False)
+        getattr(trainer, fn)(module, datamodule=DecoyDigitsDataModule(batch_size=16))
+    assert steps.steps == 0
+
+
+def test_a_concept_layer_with_negative_activations_is_refused_before_the_first_step() -> None:
+    """Layer 0 of lipschitz_cnn is a convolution (signed outputs): the error names the option before any step."""
+    steps = _CountSteps()
+    monitor = ConceptMonitor(layer=0, classes=[1], n_concepts=2, patch_size=16, per_class=2)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=[monitor, steps], max_epochs=1, limit_val_batches=1,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match=r"ConceptMonitor\(layer=0\).*negative.*change `layer`"):
+        trainer.fit(Classifier(arch_args=monitors_run.SMALL), datamodule=DecoyDigitsDataModule(batch_size=16))
+    assert steps.steps == 0
+    with pytest.raises(ValueError, match=r"ConceptMonitor\(layer='head'\).*change `layer`"):
+        trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=[ConceptMonitor(layer="head", classes=[1])],
+                             limit_val_batches=1, enable_progress_bar=False, enable_model_summary=False)
+        trainer.validate(Classifier(arch_args=monitors_run.SMALL), datamodule=DecoyDigitsDataModule(batch_size=16), verbose=False)
 
 
 def test_bf16_autocast_breaks_the_bound_and_the_monitor_warns() -> None:
-    """SPEC §4: deel-torchlip's Björck under bf16 autocast drifts above 1; the check says so.
+    """deel-torchlip's Björck under bf16 autocast drifts above 1; the check says so.
 
     (Harmonia's own layers orthonormalize in float32 under autocast and keep the bound:
     tests/test_lipschitz_layers.py; the deel backend is the known-broken case the monitor must catch.)
     """
     torch.manual_seed(0)
-    module = AlignedClassifier(arch="lipschitz_cnn", arch_args={**monitors_run.SMALL, "backend": "deel"}, lambda_harmonization=0.0,
-                               optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    module = Classifier(arch_args={**monitors_run.SMALL, "backend": "deel"}, lr=1e-2)
     trainer = pl.Trainer(accelerator="cpu", precision="bf16-mixed", max_epochs=1, limit_train_batches=3, limit_val_batches=1,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[LipschitzMonitor(epsilons=[0.05], probe_per_class=1)])
+                         callbacks=[LipschitzMonitor(epsilons=[0.05], per_class=1)])
     with pytest.warns(UserWarning, match="bound is broken"):
         trainer.fit(module, datamodule=DecoyDigitsDataModule(batch_size=16))
     assert max(v for k, v in trainer.callback_metrics.items() if k.startswith("lipschitz/sigma/")) > 1.001

@@ -1,7 +1,9 @@
-"""SaliencyMonitor: cadence, loggers (W&B, TensorBoard, CSV/PNG), inference-mode validate, DDP = 1 process."""
+"""SaliencyMonitor: cadence, loggers (W&B, TensorBoard, CSV/PNG), inference-mode validate, DDP = 1 process,
+stream probes, the `training` method."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +12,14 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from torch.utils.data import DataLoader, IterableDataset
 
 from harmonia.callbacks import SaliencyMonitor
 from harmonia.callbacks.monitor import eval_mode
-from harmonia.data import DecoyDigitsDataModule
-from harmonia.module import AlignedClassifier
+from harmonia.data import DecoyDigits, DecoyDigitsDataModule
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from monitors_run import Classifier  # noqa: E402
 
 METHODS = {
     "saliency": {},
@@ -35,9 +40,9 @@ def _monitor(**kwargs) -> SaliencyMonitor:
     return SaliencyMonitor(**{"methods": METHODS, "metrics": METRICS, **kwargs})
 
 
-def _module() -> AlignedClassifier:
+def _module() -> Classifier:
     torch.manual_seed(0)
-    return AlignedClassifier(arch="cnn", arch_args={"widths": [4, 4], "hidden": 8}, saliency="abs")
+    return Classifier(arch="cnn", arch_args={"widths": [4, 4], "hidden": 8})
 
 
 def _trainer(**kwargs) -> pl.Trainer:
@@ -93,7 +98,7 @@ def test_grid_goes_to_wandb_tensorboard_and_csv(tmp_path: Path, monkeypatch: pyt
 
 
 def test_standalone_validate_in_inference_mode_matches_fit(tmp_path: Path) -> None:
-    """SPEC §10: trainer.validate runs under torch.inference_mode; the monitor must still work."""
+    """trainer.validate runs under torch.inference_mode; the monitor must still work."""
     module, data = _module(), DecoyDigitsDataModule(batch_size=32)
     monitor = _monitor(every_n_epochs=1)
     trainer = _trainer(callbacks=[monitor], max_epochs=1)
@@ -107,26 +112,28 @@ def test_standalone_validate_in_inference_mode_matches_fit(tmp_path: Path) -> No
         assert inference[key] == pytest.approx(after_fit[key], rel=1e-5, abs=1e-6), key
 
 
-@pytest.mark.parametrize(("every", "epochs", "expected"), [(2, 3, [1, "end"]), (1, 2, [0, 1]), (0, 2, ["end"])])
-def test_cadence_and_fit_end(every: int, epochs: int, expected: list, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("every", "epochs", "expected"), [(2, 3, [(1, "epoch"), (2, "last")]), (1, 2, [(0, "epoch"), (1, "last")]),
+                                                      (0, 2, [(1, "last")])])
+def test_cadence_by_epochs(every: int, epochs: int, expected: list, monkeypatch: pytest.MonkeyPatch) -> None:
     monitor = SaliencyMonitor(methods=["saliency"], metrics=["alignment"], every_n_epochs=every)
-    runs, modes = [], []
-    real = monitor.run
+    runs, modes, probes = [], [], []
+    real = monitor.measure
 
-    def spy(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, float]:
-        runs.append("end" if trainer.state.stage == "train" and not trainer.validating else trainer.current_epoch)
-        modes.append(module.training)
-        out = real(trainer, module)
-        modes.append(module.training)
-        return out
+    def spy(trainer: pl.Trainer, module: pl.LightningModule, probe) -> dict[str, float]:
+        runs.append((trainer.current_epoch, monitor.reason))
+        modes.append(module.training)  # inside the run: eval mode
+        probes.append(probe)
+        return real(trainer, module, probe)
 
-    monkeypatch.setattr(monitor, "run", spy)
+    monkeypatch.setattr(monitor, "measure", spy)
     module = _module()
-    _trainer(callbacks=[monitor], max_epochs=epochs).fit(module, datamodule=DecoyDigitsDataModule(batch_size=32))
+    trainer = _trainer(callbacks=[monitor], max_epochs=epochs)
+    trainer.fit(module, datamodule=DecoyDigitsDataModule(batch_size=32))
     assert runs == expected
-    assert modes[::2] == modes[1::2]  # each run hands the model back in the mode it found it
-    labels = monitor._probe.label.tolist()
-    assert labels == list(range(10))  # one probe image per class, chosen once
+    assert not any(modes) and module.training  # each run in eval mode, the model handed back in train mode
+    assert all(p is probes[0] for p in probes)
+    assert probes[0].labels.tolist() == list(range(10))  # one probe image per class, chosen once
+    assert "saliency/saliency/alignment_spearman" in trainer.callback_metrics
 
 
 def test_eval_mode_restores_every_submodule() -> None:
@@ -150,29 +157,106 @@ def test_configuration_errors() -> None:
     assert list(monitor.metrics) == [("b", "del")]
 
 
+class _Stream(IterableDataset):
+    """Validation digits without random access (as tar shards are)."""
+
+    def __init__(self) -> None:
+        self.digits, self.num_classes = DecoyDigits("val"), 10
+
+    def __iter__(self):
+        return (self.digits[i] for i in range(len(self.digits)))
+
+
+class _StreamData(pl.LightningDataModule):
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(_Stream(), batch_size=16)
+
+
 def test_probe_from_a_stream(tmp_path: Path) -> None:
     """Validation data without random access (tar shards): the first images of each class."""
-    from torch.utils.data import DataLoader, IterableDataset
-
-    from harmonia.data import DecoyDigits
-
-    class Stream(IterableDataset):
-        def __init__(self) -> None:
-            self.digits, self.num_classes = DecoyDigits("val"), 10
-
-        def __iter__(self):
-            return (self.digits[i] for i in range(len(self.digits)))
-
-    class StreamData(pl.LightningDataModule):
-        def val_dataloader(self) -> DataLoader:
-            return DataLoader(Stream(), batch_size=16)
-
     monitor = SaliencyMonitor(methods=["saliency"], metrics=["alignment"], per_class=2, grid_rows=3)
-    result = _trainer(callbacks=[monitor], logger=CSVLogger(tmp_path)).validate(_module(), datamodule=StreamData(), verbose=False)[0]
+    result = _trainer(callbacks=[monitor], logger=CSVLogger(tmp_path)).validate(_module(), datamodule=_StreamData(), verbose=False)[0]
     assert "saliency/saliency/alignment_spearman" in result
-    labels = monitor._probe.label.tolist()
-    assert sorted(labels) == sorted(list(range(10)) * 2)
+    trainer = _trainer()
+    probe = monitor.probe(trainer, _module())  # chosen once, kept
+    labels = probe.labels.tolist()
+    assert labels == sorted(list(range(10)) * 2)
     digits = DecoyDigits("val")
     first = [next(i for i in range(len(digits)) if int(digits.labels[i]) == c) for c in range(10)]
-    assert torch.equal(monitor._probe.image[::2], digits.images[first])  # the first of each class, in class order
+    assert torch.equal(probe.images[::2], digits.images[first])  # the first of each class, in class order
     assert _png(tmp_path).shape[0] > 3 * 96
+
+
+def test_a_stream_probe_under_ddp_equals_one_process(tmp_path: Path) -> None:
+    """Rank zero reads the stream and sends its choice; the two ranks score disjoint halves of it."""
+    def values(**kwargs) -> dict[str, float]:
+        monitor = SaliencyMonitor(methods=["saliency"], metrics=["alignment", "deletion"], per_class=2, grid_rows=0)
+        return _saliency_values(_trainer(callbacks=[monitor], **kwargs).validate(_module(), datamodule=_StreamData(), verbose=False)[0])
+
+    single, double = values(), values(strategy="ddp_spawn", devices=2)
+    assert single and single.keys() == double.keys()
+    for key in single:
+        assert double[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
+
+
+class _Penalty(torch.nn.Module):
+    """Stands in for a training penalty: what the monitor reads is its ``saliency``."""
+
+    def __init__(self, saliency: object | None = None) -> None:
+        super().__init__()
+        if saliency is not None:
+            self.saliency = saliency
+
+
+def _with_penalties(*penalties: torch.nn.Module) -> Classifier:
+    module = _module()
+    module.penalties = torch.nn.ModuleList(penalties)
+    return module
+
+
+def test_training_method_is_the_penalty_saliency_found_at_run_time() -> None:
+    from harmonia.explain import Saliency
+
+    first, second = Saliency(reduction="mean_abs", batch_size=7), Saliency(reduction="max_abs")
+    module = _with_penalties(_Penalty(), _Penalty(first), _Penalty(second))
+    monitor = SaliencyMonitor(methods={"loss": {"method": "training"}, "other": {"method": "training", "penalty": 2}}, metrics=[])
+    resolved = monitor.resolved(module)
+    assert resolved["loss"] is first and resolved["other"] is second  # the first penalty with a saliency; `penalty` picks
+    x, y = torch.rand(5, 1, 32, 32), torch.arange(5)
+    maps = monitor.explain(module, x, y)
+    torch.testing.assert_close(maps["loss"], first.attribute(module.model, x, y), rtol=0, atol=0)
+    torch.testing.assert_close(maps["other"], second.attribute(module.model, x, y), rtol=0, atol=0)
+    module.penalties[1].saliency = second  # resolved at each run, not kept from the first one
+    assert monitor.resolved(module)["loss"] is second
+
+
+def test_training_method_scores_like_the_same_explicit_saliency(tmp_path: Path) -> None:
+    from harmonia.explain import Saliency
+
+    data = DecoyDigitsDataModule(batch_size=32)
+    module = _with_penalties(_Penalty(Saliency(reduction="mean_abs")))
+    results = []
+    for method in ({"method": "training"}, {"method": "saliency", "reduction": "mean_abs"}):
+        monitor = SaliencyMonitor(methods={"loss_map": method}, metrics=["alignment", "deletion"], grid_rows=0)
+        results.append(_saliency_values(_trainer(callbacks=[monitor], inference_mode=True).validate(module, datamodule=data, verbose=False)[0]))
+    assert results[0] and results[0] == results[1]
+
+
+def test_training_method_errors_name_the_fix() -> None:
+    from harmonia.explain import Saliency
+
+    with pytest.raises(ValueError, match="takes only `penalty`"):
+        SaliencyMonitor(methods={"m": {"method": "training", "reduction": "mean_abs"}})
+    cases = [
+        (_module(), {}, "has no `penalties`"),
+        (_with_penalties(_Penalty()), {}, "no penalty of Classifier has a `saliency`"),
+        (_with_penalties(_Penalty(), _Penalty(Saliency())), {"penalty": 0}, "penalty 0 \\(_Penalty\\) has no `saliency`"),
+        (_with_penalties(_Penalty(Saliency())), {"penalty": 3}, "penalty 3 does not exist"),
+    ]
+    for module, options, message in cases:
+        steps = []
+        monitor = SaliencyMonitor(methods={"m": {"method": "training", **options}}, metrics=["alignment"])
+        module.validation_step = lambda *args, steps=steps: steps.append(1)
+        with pytest.raises(ValueError, match=message):  # before the first validation batch
+            _trainer(callbacks=[monitor]).validate(module, datamodule=DecoyDigitsDataModule(batch_size=32), verbose=False)
+        assert not steps

@@ -4,13 +4,16 @@ from harmonia.callbacks.concepts import ConceptMonitor
 from harmonia.callbacks.finetuning import FinetuningSchedule
 from harmonia.callbacks.lipschitz import LipschitzMonitor
 from harmonia.callbacks.logging import log_image
-from harmonia.callbacks.probe import balanced_indices, rank_shard
+from harmonia.callbacks.monitor import ProbeMonitor
+from harmonia.callbacks.probe import Probe, balanced_indices, rank_shard
 from harmonia.callbacks.saliency import SaliencyMonitor
 
 __all__ = [
     "ConceptMonitor",
     "FinetuningSchedule",
     "LipschitzMonitor",
+    "Probe",
+    "ProbeMonitor",
     "SaliencyMonitor",
     "balanced_indices",
     "log_image",

@@ -1,8 +1,8 @@
 """``ConceptMonitor``: CRAFT concepts of chosen classes during training, and how they drift.
 
-At the end of a validation epoch (every ``every_n_epochs`` epochs and at the last one; always
-in a stand-alone ``validate``), for each configured class, on a fixed probe of that class's
-images (chosen once with ``harmonia.callbacks.probe``):
+At each run (cadence, probe, eval context and logging: ``harmonia.callbacks.monitor.ProbeMonitor``;
+by default every ``every_n_epochs`` epochs and at the last one, always in a stand-alone
+``validate``), for each configured class, on a fixed probe of that class's images:
 1. concept bank and importance with :class:`harmonia.concepts.Craft`;
 2. drift: the new bank is matched one-to-one to the previous run's by cosine similarity
    (Hungarian assignment) and *renumbered* so concept ``j`` keeps its identity from run to
@@ -14,32 +14,35 @@ images (chosen once with ``harmonia.callbacks.probe``):
    its number, importance and top crops) and ``…/attribution`` (probe images tinted by the
    most important concepts' attribution maps, in the mosaic's colours).
 
-Under DDP the crops' activations and the per-image Sobol indices are computed on disjoint
-shards and gathered in probe order; rank zero factorizes and broadcasts the bank, so every
+Every rank holds the whole probe (the work is split by crops, not by images): under DDP the
+crops' activations and the per-image Sobol indices are computed on disjoint shards and
+gathered in probe order; rank zero factorizes and broadcasts the bank, so every
 rank holds the same numbers (equal to a 1-process run) and rank zero draws the pictures.
 Previous banks are saved in checkpoints, so drift continues after a resume.
+
+Before the first training step the monitor checks that ``layer`` exists and that its
+activations on a few probe crops are non-negative, so a wrong layer fails at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from harmonia.callbacks.logging import log_image
-from harmonia.callbacks.monitor import evaluation, gather_shards, is_due, monitored_model
-from harmonia.callbacks.probe import load_probe, probe_dataset, rank_shard
+from harmonia.callbacks.monitor import ProbeMonitor, gather_shards
+from harmonia.callbacks.probe import Probe, rank_shard
 from harmonia.concepts import ConceptBank, Craft, attribution_overlay, concept_mosaic, match_concepts
 
 
 @dataclass
 class ConceptRun:
-    """What one run of the monitor found for one class (kept in ``ConceptMonitor.results``)."""
+    """What one run of the monitor found for one class (kept in ``ConceptMonitor.concepts``)."""
 
     bank: ConceptBank
     importance: Tensor
@@ -54,63 +57,60 @@ def _on_shard(fn: Callable[[Tensor], Tensor], items: Tensor, rank: int, world: i
     return fn(items[mine]) if mine else fn(items[:1])[:0]
 
 
-class ConceptMonitor(pl.Callback):
+class ConceptMonitor(ProbeMonitor):
     """CRAFT concept bank, importance ranking, mosaic and drift for ``classes`` during training.
 
     Args:
         layer: split layer of the monitored model (index into an ``nn.Sequential`` or module
-            name); its output must be non-negative. ``lipschitz_cnn`` with two stages: ``5``
-            (the second L2-norm pooling); ``cnn``: ``5`` (its second max pooling).
+            name); its output must be non-negative. ``lipschitz_cnn`` with two stages of depth
+            2: ``9`` (the second L2-norm pooling); ``cnn``: ``5`` (its second max pooling).
         classes: class indices to explain.
         n_concepts: concepts per class.
         patch_size: crop side in pixels (stride ``int(0.8·patch_size)``).
-        images_per_class: probe images per class (fewer if the class has fewer).
+        per_class: probe images per class (fewer if the class has fewer).
         nb_design: Halton design size of the importance estimate.
         top_crops: crops shown per concept in the mosaic.
         attribution_images: probe images shown in the attribution picture (0: no picture).
         attribution_concepts: most important concepts shown there.
-        every_n_epochs: cadence during ``fit`` (the last epoch always runs).
-        stage: take the probe from the ``"val"`` or ``"train"`` dataset.
-        seed: probe selection seed.
         batch_size: rows per forward.
-        model_attr: attribute of the LightningModule holding the classifier (``None``: the module).
+        every_n_epochs, every_n_steps, at_fit_end, seed, stage, model_attr: the probe and the
+            cadence (:class:`ProbeMonitor`).
     """
+
+    shard_probe = False  # rank zero needs every crop for the factorization and the mosaic
 
     def __init__(
         self,
         layer: int | str,
-        classes: list[int],
+        classes: Sequence[int],
         n_concepts: int = 10,
         patch_size: int = 64,
-        images_per_class: int = 20,
+        per_class: int = 20,
         nb_design: int = 32,
         top_crops: int = 8,
         attribution_images: int = 4,
         attribution_concepts: int = 3,
-        every_n_epochs: int = 5,
-        stage: Literal["val", "train"] = "val",
-        seed: int = 0,
         batch_size: int = 256,
+        every_n_epochs: int = 5,
+        every_n_steps: int = 0,
+        at_fit_end: bool = True,
+        seed: int = 0,
+        stage: Literal["val", "train"] = "val",
         model_attr: str | None = "model",
     ) -> None:
         if not classes:
             raise ValueError("ConceptMonitor needs at least one class in `classes`")
-        if every_n_epochs < 1 or images_per_class < 1 or top_crops < 1:
-            raise ValueError("every_n_epochs, images_per_class and top_crops must be >= 1")
+        if top_crops < 1:
+            raise ValueError(f"ConceptMonitor: top_crops must be >= 1; got {top_crops}")
+        super().__init__(every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, at_fit_end=at_fit_end,
+                         per_class=per_class, classes=classes, seed=seed, stage=stage, model_attr=model_attr)
         self.layer = layer
-        self.classes = [int(c) for c in classes]
         self.craft_args = {"n_concepts": n_concepts, "patch_size": patch_size, "nb_design": nb_design, "batch_size": batch_size}
-        self.images_per_class = images_per_class
         self.top_crops = top_crops
         self.attribution_images = attribution_images
         self.attribution_concepts = attribution_concepts
-        self.every_n_epochs = every_n_epochs
-        self.stage = stage
-        self.seed = seed
-        self.model_attr = model_attr
         self.previous: dict[int, Tensor] = {}  # class -> last bank (k, channels), in concept order
-        self.results: dict[int, ConceptRun] = {}
-        self._probe: dict[int, Tensor] | None = None
+        self.concepts: dict[int, ConceptRun] = {}  # class -> what the last run found
 
     @property
     def state_key(self) -> str:
@@ -125,31 +125,48 @@ class ConceptMonitor(pl.Callback):
         """Restore the previous banks."""
         self.previous = {int(c): w for c, w in state_dict.get("previous", {}).items()}
 
-    def _load_probe(self, trainer: pl.Trainer) -> dict[int, Tensor]:
-        dataset = probe_dataset(trainer, self.stage)
-        images, labels = load_probe(dataset, self.images_per_class, max(self.classes) + 1, self.classes, self.seed)
-        probe = {c: images[labels == c] for c in self.classes}
-        for c, imgs in probe.items():
-            if len(imgs) == 0:
-                raise ValueError(f"ConceptMonitor: the {self.stage} dataset has no image of class {c}")
-            if len(imgs) < self.images_per_class:
-                rank_zero_warn(f"ConceptMonitor: class {c} has only {len(imgs)} {self.stage} images (asked {self.images_per_class})")
-        return probe
+    def _craft(self, pl_module: pl.LightningModule) -> Craft:
+        try:
+            return Craft(self.model(pl_module), self.layer, seed=self.seed, **self.craft_args)
+        except ValueError as error:
+            raise ValueError(f"ConceptMonitor(layer={self.layer!r}): {error}; change `layer`") from None
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Run CRAFT for every configured class when due."""
-        if not is_due(trainer, self.every_n_epochs):
-            return
-        if self._probe is None:
-            self._probe = self._load_probe(trainer)
-        model = monitored_model(pl_module, self.model_attr)
-        craft = Craft(model, self.layer, seed=self.seed, **self.craft_args)
-        with evaluation(model, grad=False):
-            for c in self.classes:
-                self.results[c] = self._run_class(trainer, pl_module, craft, c)
+    def _by_class(self, probe: Probe) -> dict[int, Tensor]:
+        return {c: probe.images[probe.labels == c] for c in self.classes}
 
-    def _run_class(self, trainer: pl.Trainer, pl_module: pl.LightningModule, craft: Craft, c: int) -> ConceptRun:
-        images = self._probe[c]
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Probe) -> None:
+        """``layer`` exists, every class has probe images, and one batch of crops has non-negative activations there."""
+        craft = self._craft(pl_module)
+        for c, images in self._by_class(probe).items():
+            if len(images) == 0:
+                raise ValueError(f"ConceptMonitor: the {self.stage} data has no image of class {c}; change `classes`")
+            if len(images) < self.per_class:
+                rank_zero_warn(f"ConceptMonitor: class {c} has only {len(images)} {self.stage} images (asked per_class={self.per_class})")
+        images = probe.images[:1]
+        try:
+            crops, _ = craft.crops(images)
+        except ValueError as error:
+            raise ValueError(f"ConceptMonitor(patch_size={self.craft_args['patch_size']}): {error}; change `patch_size`") from None
+        try:
+            craft.crop_activations(crops[: self.craft_args["batch_size"]], tuple(images.shape[-2:]))
+        except ValueError as error:
+            raise ValueError(f"ConceptMonitor(layer={self.layer!r}): {error}; change `layer`") from None
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Probe) -> dict[str, float]:
+        """Run CRAFT for every configured class; return importance, reconstruction error and drift."""
+        craft = self._craft(pl_module)
+        values: dict[str, float] = {}
+        for c, images in self._by_class(probe).items():
+            run = self._run_class(trainer, pl_module, craft, c, images)
+            self.concepts[c] = run
+            prefix = f"concepts/class_{c}"
+            values.update({f"{prefix}/importance/concept_{j}": v for j, v in enumerate(run.importance.tolist())})
+            values[f"{prefix}/reconstruction_error"] = float(run.bank.reconstruction_error)
+            if run.drift is not None:
+                values[f"{prefix}/drift"] = float(run.drift)
+        return values
+
+    def _run_class(self, trainer: pl.Trainer, pl_module: pl.LightningModule, craft: Craft, c: int, images: Tensor) -> ConceptRun:
         rank, world = trainer.global_rank, trainer.world_size
         crops, source = craft.crops(images)
         size = tuple(images.shape[-2:])
@@ -180,13 +197,6 @@ class ConceptMonitor(pl.Callback):
         self.previous[c] = bank.components.detach().cpu().clone()
 
         prefix = f"concepts/class_{c}"
-        # Every rank holds the same values; sync_dist averages identical numbers (no change) and
-        # keeps Lightning from warning about unsynchronized epoch-level logs under DDP.
-        for j, value in enumerate(bank.importance.tolist()):
-            pl_module.log(f"{prefix}/importance/concept_{j}", value, sync_dist=True)
-        pl_module.log(f"{prefix}/reconstruction_error", bank.reconstruction_error, sync_dist=True)
-        if drift is not None:
-            pl_module.log(f"{prefix}/drift", drift, sync_dist=True)
         logged = self._pictures(trainer, craft, bank, images, prefix) if rank == 0 else []
         return ConceptRun(bank, bank.importance.cpu(), drift, logged)
 

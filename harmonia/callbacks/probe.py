@@ -1,15 +1,25 @@
-"""Fixed probe sets for diagnostics: chosen once, balanced over classes, sharded over ranks.
+"""Fixed probe sets for monitors: chosen once, balanced over classes, sharded over ranks.
 
-Every monitor scores the same images at every epoch so its curves compare (DESIGN.md).
+Every monitor scores the same images at every run, so its curves compare. A probe is chosen
+from a map-style dataset (a seeded, class-balanced draw: :func:`balanced_indices`) or from a
+stream without random access (the first images of each class that rank zero reads, sent to
+the other ranks), then split over DDP ranks with :func:`rank_shard`: rank ``r`` of ``w`` holds
+probe rows ``r, r + w, r + 2w, …``. Probe tensors live on the CPU and are made outside
+inference mode, so monitors may take gradients through them in a stand-alone ``validate``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import Dataset
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from harmonia.data.sample import Sample
 
 
 def balanced_indices(
@@ -54,23 +64,66 @@ def rank_shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
     return list(indices[rank::world_size])
 
 
-def image_and_label(sample: object, index: int) -> tuple[torch.Tensor, int]:
-    """``(image, label)`` of a ``Sample`` (batch contract) or of an ``(image, label)`` pair."""
-    if hasattr(sample, "image") and hasattr(sample, "label"):
-        return sample.image, int(sample.label)
-    if isinstance(sample, (tuple, list)) and len(sample) == 2:
-        return sample[0], int(sample[1])
-    raise ValueError(
-        f"probe sample {index} is a {type(sample).__name__}; expected Sample(image, human_map, has_map, label) "
-        "or an (image, label) pair"
+def as_sample(item: Any, where: str) -> Sample:
+    """A ``Sample`` from a ``Sample``, a 4-tuple, or an ``(image, label)`` pair (no human map: ``None`` fields)."""
+    if isinstance(item, Sample):
+        return item
+    if isinstance(item, (tuple, list)) and len(item) == 4:
+        return Sample(*item)
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return Sample(item[0], None, None, item[1])
+    if hasattr(item, "image") and hasattr(item, "label"):
+        return Sample(item.image, getattr(item, "human_map", None), getattr(item, "has_map", None), item.label)
+    raise TypeError(
+        f"{where} is a {type(item).__name__}; a probe needs Sample(image, human_map, has_map, label) or an (image, label) pair"
     )
 
 
-def probe_dataset(trainer: pl.Trainer, stage: str = "val") -> Dataset:
-    """The map-style dataset behind the trainer's first ``stage`` (``"val"``/``"train"``) loader.
+@dataclass
+class Probe:
+    """A probe set, or this rank's share of one, on the CPU.
 
-    Falls back to the datamodule's loader when the trainer has not built one (e.g. the training
-    loader during a stand-alone ``validate``).
+    ``positions`` are the rows' places in the whole probe (sorted by class); ``size`` is the
+    whole probe's length over every rank. ``human_maps``/``has_map`` are ``None`` when the data
+    yields ``(image, label)`` pairs. ``head`` holds the first rows of the whole probe (the rows a
+    monitor draws in its pictures) on every rank; it is ``None`` when no rows were asked for.
+    """
+
+    images: Tensor
+    labels: Tensor
+    human_maps: Tensor | None
+    has_map: Tensor | None
+    positions: Tensor
+    size: int
+    head: Probe | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _stack(samples: Sequence[Sample], positions: Sequence[int], size: int, like: Sample | None = None) -> Probe:
+    """A :class:`Probe` from samples, as normal (not inference) CPU tensors.
+
+    An empty share (more ranks than probe rows) keeps the shapes of ``like``, so a rank with no
+    rows still runs the same collective code as the others.
+    """
+    with torch.inference_mode(False):
+        rows = list(samples) or ([like] if like is not None else [])
+        column = lambda k: [torch.as_tensor(s[k]).detach().cpu().clone() for s in rows]  # noqa: E731
+        keep = slice(None) if samples else slice(0, 0)
+        images = torch.stack(column(0))[keep] if rows else torch.zeros(0)
+        labels = torch.tensor([int(s.label) for s in samples], dtype=torch.long)
+        has_maps = bool(rows) and all(s.human_map is not None and s.has_map is not None for s in rows)
+        human = torch.stack(column(1))[keep] if has_maps else None
+        has_map = torch.stack(column(2)).bool().reshape(-1)[keep] if has_maps else None
+        return Probe(images, labels, human, has_map, torch.as_tensor(list(positions), dtype=torch.long), size)
+
+
+def probe_loader(trainer: pl.Trainer, stage: str) -> DataLoader | None:
+    """The trainer's first ``stage`` (``"val"``/``"train"``) DataLoader, else the datamodule's; ``None`` if neither exists yet.
+
+    Before a fit's loops start (``on_fit_start``) the trainer has built no loader: only a
+    datamodule can answer then.
     """
     if stage not in ("val", "train"):
         raise ValueError(f"probe stage must be 'val' or 'train', got {stage!r}")
@@ -81,36 +134,84 @@ def probe_dataset(trainer: pl.Trainer, stage: str = "val") -> Dataset:
         loaders = next(iter(loaders.values()), None)
     if isinstance(loaders, (list, tuple)):
         loaders = loaders[0] if loaders else None
-    dataset = getattr(loaders, "dataset", None)
-    if dataset is None:
-        raise ValueError(f"no {stage} dataloader to take a probe set from")
-    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
-        raise ValueError(
-            f"the {stage} dataset ({type(dataset).__name__}) is not map-style (no len/indexing): a fixed probe set "
-            "needs random access"
-        )
-    return dataset
+    return loaders
 
 
-def load_probe(
-    dataset: Dataset,
-    per_class: int,
-    num_classes: int,
-    classes: Sequence[int] | None = None,
-    seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A balanced probe set as ``(images (N,C,H,W), labels (N,))``, the same on every rank for a seed.
+def is_stream(dataset: object) -> bool:
+    """Whether ``dataset`` has no random access (an ``IterableDataset`` or no ``len``/indexing)."""
+    return isinstance(dataset, IterableDataset) or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"))
 
-    Sorted by class (see :func:`balanced_indices`). Tensors are built outside inference mode
-    so a monitor can take gradients through them during a stand-alone ``validate``.
+
+def first_of_each_class(batches: Iterable[Any], per_class: int, classes: Sequence[int], max_batches: int = 200) -> list[Sample]:
+    """The first ``per_class`` samples of each class in a stream of batches, sorted by class.
+
+    Stops once every class is full or after ``max_batches`` batches (a class the stream never
+    shows then contributes nothing).
     """
-    with torch.inference_mode(False):
-        indices = balanced_indices(
-            len(dataset), lambda i: image_and_label(dataset[i], i)[1], per_class, num_classes, seed, classes
-        )
-        if not indices:
-            raise ValueError(f"the probe found no sample of classes {list(classes) if classes else list(range(num_classes))}")
-        pairs = [image_and_label(dataset[i], i) for i in indices]
-        images = torch.stack([torch.as_tensor(image).clone() for image, _ in pairs])
-        labels = torch.tensor([label for _, label in pairs])
-    return images, labels
+    picked: dict[int, list[Sample]] = {int(c): [] for c in classes}
+    for b, batch in enumerate(batches):
+        batch = as_sample(batch, "a batch of the probe's stream")
+        for i, label in enumerate(torch.as_tensor(batch.label).reshape(-1).tolist()):
+            bucket = picked.get(int(label))
+            if bucket is not None and len(bucket) < per_class:
+                bucket.append(Sample(*(None if t is None else t[i] for t in batch)))
+        if b + 1 >= max_batches or all(len(v) >= per_class for v in picked.values()):
+            break
+    return [s for c in classes for s in picked[int(c)]]
+
+
+def choose_probe(
+    source: Dataset | DataLoader,
+    classes: Sequence[int],
+    per_class: int,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    shard: bool = True,
+    head_rows: int = 0,
+    broadcast: Callable[[Any], Any] | None = None,
+) -> Probe:
+    """This rank's share of the class-balanced probe of ``source``, with its first ``head_rows`` rows.
+
+    ``source`` is a map-style dataset (or a DataLoader over one): a seeded draw of ``per_class``
+    samples of each class (:func:`balanced_indices`), the same on every rank, of which each rank
+    reads only its share and the head. A DataLoader over a stream is read by rank zero only
+    (:func:`first_of_each_class`), and ``broadcast`` (``trainer.strategy.broadcast``) hands its
+    choice to the other ranks, so every rank agrees on one probe even if each streams other data.
+    With ``shard=False`` every rank holds the whole probe.
+    """
+    dataset = source.dataset if isinstance(source, DataLoader) else source
+    if not is_stream(dataset):
+        def label_of(i: int) -> int:
+            return int(as_sample(dataset[i], f"sample {i} of {type(dataset).__name__}").label)
+
+        chosen = balanced_indices(len(dataset), label_of, per_class, max(classes) + 1, seed, classes)
+        size = len(chosen)
+        mine = rank_shard(range(size), rank, world_size) if shard else list(range(size))
+        head = list(range(min(head_rows, size)))
+        cache: dict[int, Sample] = {}
+
+        def read(j: int) -> Sample:
+            if j not in cache:
+                cache[j] = as_sample(dataset[chosen[j]], f"sample {chosen[j]} of {type(dataset).__name__}")
+            return cache[j]
+
+        like = read(0) if size else None
+        probe = _stack([read(j) for j in mine], mine, size, like)
+        probe.head = _stack([read(j) for j in head], head, size, like) if head_rows else None
+        return probe
+
+    if not isinstance(source, DataLoader):
+        raise TypeError(f"a stream ({type(dataset).__name__}) is read through its DataLoader; got the dataset alone")
+    samples = first_of_each_class(source, per_class, classes) if rank == 0 else None
+    if world_size > 1:
+        if broadcast is None:
+            raise ValueError("a probe from a stream under several ranks needs `broadcast` (trainer.strategy.broadcast)")
+        samples = broadcast(samples)
+    size = len(samples)
+    mine = rank_shard(range(size), rank, world_size) if shard else list(range(size))
+    like = samples[0] if samples else None
+    probe = _stack([samples[j] for j in mine], mine, size, like)
+    head = list(range(min(head_rows, size)))
+    probe.head = _stack([samples[j] for j in head], head, size, like) if head_rows else None
+    return probe

@@ -280,3 +280,27 @@ def test_inputs_are_fresh_copies_of_the_probe() -> None:
     assert x.dtype == torch.float64 and not kept.requires_grad
     same_dtype = ProbeMonitor.inputs(nn.Linear(2, 2), kept)
     assert same_dtype.data_ptr() != kept.data_ptr() and torch.equal(same_dtype, kept)
+
+
+def test_a_clickme_probe_holds_finished_evaluation_samples(tmp_path: Path) -> None:
+    """ClickMe records arrive as uint8 images with 64-px maps; the probe holds what the model sees."""
+    from harmonia.data import ClickMeDataModule
+    from data_files import records
+
+    path, _ = records(tmp_path / "val.tfrecords", count=8, size=64, num_classes=4)
+    data = ClickMeDataModule(train=None, val=str(path), num_classes=4, image_size=32, batch_size=4, num_workers=0)
+    data.setup("validate")
+    finish = lambda batch: data.finish_batch(batch, train=False)  # noqa: E731
+    probe = choose_probe(data.val_dataloader(), [0, 1, 2, 3], per_class=2, finish=finish)
+    assert probe.images.dtype == torch.float32 and probe.images.shape == (8, 3, 32, 32)
+    assert 0 <= float(probe.images.min()) and float(probe.images.max()) <= 1
+    assert probe.human_maps.shape == (8, 1, 32, 32) and bool(probe.has_map.all())
+    reference = data.finish_batch(next(iter(DataLoader(data.datasets["val"], batch_size=8, collate_fn=_collate))), train=False)
+    for image, label in zip(probe.images, probe.labels):  # each probe row is one record, finished as in evaluation
+        assert any(torch.allclose(image, ref) for ref in reference.image[reference.label == label])
+
+
+def _collate(items: list) -> object:
+    from harmonia.data import collate_samples
+
+    return collate_samples(items)

@@ -260,3 +260,23 @@ def test_training_method_errors_name_the_fix() -> None:
         with pytest.raises(ValueError, match=message):  # before the first validation batch
             _trainer(callbacks=[monitor]).validate(module, datamodule=DecoyDigitsDataModule(batch_size=32), verbose=False)
         assert not steps
+
+
+def test_training_saliency_equals_the_map_the_penalty_trains() -> None:
+    """With the real module: the monitor's `training` map is the Harmonization penalty's own map."""
+    from harmonia.explain import Saliency
+    from harmonia.losses import Harmonization, RightReasons
+    from harmonia.module import AlignedClassifier
+
+    saliency = Saliency(reduction="mean_abs", score="log_prob")
+    module = AlignedClassifier(arch="lipschitz_cnn", arch_args={"widths": [4, 4], "hidden": 8},
+                               penalties=[RightReasons(0.1), Harmonization(0.1, saliency=saliency)]).eval()
+    monitor = SaliencyMonitor(methods={"gradient": {"method": "training"}}, metrics=[])
+    data = DecoyDigitsDataModule(batch_size=8)
+    data.setup("validate")
+    batch = next(iter(data.val_dataloader()))
+    penalty = module.penalties[1]
+    _, gradients, mapped = module.forward_with_gradients(batch.image, batch.label, batch.has_map, [penalty], create_graph=True)
+    trained = penalty.saliency.reduce(gradients[penalty.gradient_key]).detach()
+    shown = monitor.explain(module, batch.image[mapped], batch.label[mapped])["gradient"]
+    torch.testing.assert_close(shown, trained, atol=1e-6, rtol=1e-5)

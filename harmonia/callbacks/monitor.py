@@ -33,9 +33,9 @@ Follow one monitor through a fit:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -46,6 +46,12 @@ from harmonia.callbacks.probe import Probe, as_sample, choose_probe, is_stream, 
 from harmonia.models import cached_weights
 
 RunReason = Literal["epoch", "last", "step", "end", "validate"]
+
+
+def _evaluation_finish(trainer: pl.Trainer) -> Callable[[Any], Any] | None:
+    """The datamodule's ``finish_batch`` in evaluation form, if it has one (see ``choose_probe``)."""
+    finish = getattr(trainer.datamodule, "finish_batch", None)
+    return None if finish is None else (lambda batch: finish(batch, train=False))
 
 
 def monitored_model(pl_module: pl.LightningModule, attr: str | None) -> nn.Module:
@@ -217,6 +223,7 @@ class ProbeMonitor(pl.Callback):
             self._probe = choose_probe(
                 loader, classes, self.per_class, self.seed, trainer.global_rank, trainer.world_size,
                 shard=self.shard_probe, head_rows=self.head_rows, broadcast=trainer.strategy.broadcast,
+                finish=_evaluation_finish(trainer),
             )
             if self._probe.size == 0:
                 raise ValueError(f"{type(self).__name__}: the {self.stage} data has no image of classes {classes}")

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from harmonia.data.sample import Sample
+from harmonia.data.sample import Sample, collate_samples
 
 
 def balanced_indices(
@@ -170,6 +170,7 @@ def choose_probe(
     shard: bool = True,
     head_rows: int = 0,
     broadcast: Callable[[Any], Any] | None = None,
+    finish: Callable[[Any], Any] | None = None,
 ) -> Probe:
     """This rank's share of the class-balanced probe of ``source``, with its first ``head_rows`` rows.
 
@@ -179,8 +180,19 @@ def choose_probe(
     (:func:`first_of_each_class`), and ``broadcast`` (``trainer.strategy.broadcast``) hands its
     choice to the other ranks, so every rank agrees on one probe even if each streams other data.
     With ``shard=False`` every rank holds the whole probe.
+
+    ``finish`` turns a collated batch of the loader's items into a ``Sample`` batch (a
+    DataModule's ``finish_batch``: ClickMe records arrive as uint8 images with 64-px maps and
+    become training-ready only there), so the probe holds what the model sees in evaluation.
     """
     dataset = source.dataset if isinstance(source, DataLoader) else source
+
+    def finished(items: list[Any]) -> list[Sample]:
+        if finish is None or not items:
+            return [as_sample(item, f"a probe sample of {type(dataset).__name__}") for item in items]
+        batch = as_sample(finish(collate_samples(items)), f"a finished probe batch of {type(dataset).__name__}")
+        return [Sample(*(None if t is None else t[i] for t in batch)) for i in range(len(items))]
+
     if not is_stream(dataset):
         def label_of(i: int) -> int:
             return int(as_sample(dataset[i], f"sample {i} of {type(dataset).__name__}").label)
@@ -189,21 +201,17 @@ def choose_probe(
         size = len(chosen)
         mine = rank_shard(range(size), rank, world_size) if shard else list(range(size))
         head = list(range(min(head_rows, size)))
-        cache: dict[int, Sample] = {}
-
-        def read(j: int) -> Sample:
-            if j not in cache:
-                cache[j] = as_sample(dataset[chosen[j]], f"sample {chosen[j]} of {type(dataset).__name__}")
-            return cache[j]
-
-        like = read(0) if size else None
-        probe = _stack([read(j) for j in mine], mine, size, like)
-        probe.head = _stack([read(j) for j in head], head, size, like) if head_rows else None
+        wanted = sorted(set(mine) | set(head) | ({0} if size else set()))
+        rows = dict(zip(wanted, finished([dataset[chosen[j]] for j in wanted])))
+        like = rows[0] if size else None
+        probe = _stack([rows[j] for j in mine], mine, size, like)
+        probe.head = _stack([rows[j] for j in head], head, size, like) if head_rows else None
         return probe
 
     if not isinstance(source, DataLoader):
         raise TypeError(f"a stream ({type(dataset).__name__}) is read through its DataLoader; got the dataset alone")
-    samples = first_of_each_class(source, per_class, classes) if rank == 0 else None
+    batches = source if finish is None else (finish(batch) for batch in source)
+    samples = first_of_each_class(batches, per_class, classes) if rank == 0 else None
     if world_size > 1:
         if broadcast is None:
             raise ValueError("a probe from a stream under several ranks needs `broadcast` (trainer.strategy.broadcast)")

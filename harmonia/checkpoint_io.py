@@ -98,9 +98,10 @@ class SafeCheckpointIO(TorchCheckpointIO):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_atomically(path, lambda file: torch.save(checkpoint, file))
-        except OSError as error:
+        except Exception as error:  # torch.save turns a failed write into a RuntimeError of its zip writer
+            cause = error.__context__ if isinstance(error.__context__, OSError) else error
             raise CheckpointSaveError(
-                f"could not save checkpoint {path}: {error}. The run stops here so that no further "
+                f"could not save checkpoint {path}: {cause}. The run stops here so that no further "
                 f"training goes unsaved; an earlier {path.name} (if any) is unchanged."
             ) from error
 

@@ -134,7 +134,9 @@ class HarmoniaArgumentParser(LightningArgumentParser):
         if not self.exit_on_error or getattr(self, "_harmonia_raise", False):
             super().error(message, ex)
         headline = config_error_headline(message)
-        sys.stderr.write(f"error: {headline}\n\ndetails:\n{_shorten_values(message)}\n")
+        sys.stderr.write(f"error: {headline}\n")
+        if headline.strip() != message.strip():
+            sys.stderr.write(f"\ndetails:\n{_shorten_values(message)}\n")
         prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
         sys.stderr.write(f"\nfor the accepted options run: {prog} --help\n")
         sys.exit(2)

@@ -381,8 +381,8 @@ class HarmoniaCLI(LightningCLI):
         sub = self.subcommand
         # config.yaml records the configuration as given (root "runs", no run paths), so that
         # `harmonia fit --config <run>/config.yaml` reproduces the run in a new directory.
-        self._given_config = self.config[sub].clone()
-        cfg = self.config[sub]
+        cfg = self.config[sub] if sub else self.config  # no subcommand: cli_main(run=False)
+        self._given_config = cfg.clone()
         trainer = cfg.trainer
         root = Path(trainer.get("default_root_dir") or ROOT_DEFAULT)
         parent = root / _config_name(cfg)
@@ -393,12 +393,14 @@ class HarmoniaCLI(LightningCLI):
         if not rank_zero and os.environ.get(_RUN_DIR_ENV):  # a process launched by rank zero's DDP
             run_dir = Path(os.environ[_RUN_DIR_ENV])
             self.resumed = sub == "fit" and ckpt_path is not None
+        elif sub is None:  # built for the Python API: name the directory, create it only if used
+            run_dir = Path(cfg.run_dir) if cfg.get("run_dir") else _new_run_dir(parent, create=False)
         elif sub == "fit":
             run_dir = self._fit_run_dir(cfg, parent, ckpt_path, rank_zero)
         else:
             run_dir = self._eval_run_dir(cfg, parent, ckpt_path, sub, rank_zero)
         self.run_dir = run_dir
-        if rank_zero:
+        if rank_zero and sub is not None:
             os.environ[_RUN_DIR_ENV] = str(run_dir)
         trainer.default_root_dir = str(run_dir)
 

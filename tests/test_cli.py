@@ -123,6 +123,8 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path: Path) -> None:
     config = _config(tmp_path, [record], max_epochs=1, limit_train_batches=6, limit_val_batches=2, limit_test_batches=2,
                      strategy="ddp", devices=2, accelerator="cpu")
     _run(["fit", "--config", str(config), *SMALL_MODEL, "--test_after_fit", "false"], tmp_path)
+    # both processes used rank zero's run directory (the second one did not make its own)
+    assert len([p for p in (tmp_path / "runs" / "config").iterdir() if p.name != "latest"]) == 1
     runs = [json.loads((tmp_path / "out" / f"run_rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world_size"] == 2 and r["global_step"] == 6 for r in runs)
     w0, w1 = (torch.load(tmp_path / "out" / f"weights_rank{r}.pt") for r in (0, 1))
@@ -175,43 +177,60 @@ def _summary_value(out: str, row: str) -> str:
     return match.group(1)
 
 
-def test_runs_are_kept_resumed_in_place_and_evaluated_beside(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                            capsys: pytest.CaptureFixture) -> None:
-    """Two fits keep two runs; `--ckpt_path last` resumes the latest in its own directory; the summary's
-    numbers are those `validate`/`test` give for the same checkpoint; nothing overwrites config.yaml."""
+def test_summary_reports_validate_and_test_of_the_same_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """The summary's numbers are those `validate`/`test` give for the tested checkpoint, with its epoch;
+    `validate`/`test` write beside the run and never over its config.yaml."""
     from harmonia.train import cli_main
 
     monkeypatch.chdir(tmp_path)
     config = _config(tmp_path, _default_checkpoints(), max_epochs=2, limit_train_batches=3, limit_val_batches=2,
                      limit_test_batches=2)
     base = ["--config", str(config), *SMALL_MODEL]
-    first = cli_main(["fit", *base]).run_dir
+    run = cli_main(["fit", *base]).run_dir
     summary = capsys.readouterr().out
+    saved_config = (run / "config.yaml").read_bytes()
+    best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=False)
+    assert f"saved in epoch {best['epoch'] + 1} of 2, step {best['global_step']})" in _summary_value(summary, "checkpoint evaluated")
+    validate = cli_main(["validate", *base, "--ckpt_path", "best"])
+    test = cli_main(["test", *base, "--ckpt_path", "best"])
+    for row, cli, key in (("validation accuracy", validate, "val/acc"), ("test accuracy (decoy-free)", test, "test/acc"),
+                          ("val / test objective", None, None)):
+        if cli is not None:
+            assert _summary_value(summary, row).split()[0] == f"{100 * float(cli.trainer.callback_metrics[key]):.2f}%"
+    val_obj, test_obj = (float(x) for x in _summary_value(summary, "val / test objective").split(" / "))
+    assert val_obj == pytest.approx(float(validate.trainer.callback_metrics["val/objective"]), abs=1e-5)
+    assert test_obj == pytest.approx(float(test.trainer.callback_metrics["test/objective"]), abs=1e-5)
+    for cli, sub in ((validate, "validate"), (test, "test")):
+        assert cli.run_dir.parent.resolve() == run.resolve() and cli.run_dir.name.startswith(f"{sub}-")
+        assert (cli.run_dir / "config.yaml").is_file()
+    assert (run / "config.yaml").read_bytes() == saved_config
+
+
+def test_two_fits_keep_two_runs_and_last_resumes_the_latest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from harmonia.train import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    config = _config(tmp_path, _default_checkpoints(), max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    base = ["--config", str(config), *SMALL_MODEL, "--test_after_fit", "false"]
     runs = tmp_path / "runs" / "config"
+    first = cli_main(["fit", *base]).run_dir
     assert first.parent.resolve() == runs.resolve() and (runs / "latest").resolve() == first.resolve()
     files = {p: p.read_bytes() for p in first.rglob("*") if p.is_file()}
     assert {"config.yaml", "best.ckpt", "last.ckpt"} <= {p.name for p in files}
-
-    # the summary: one checkpoint, its epoch, its validation and test numbers
-    best = torch.load(first / "checkpoints" / "best.ckpt", weights_only=False)
-    assert f"saved in epoch {best['epoch'] + 1} of 2, step {best['global_step']})" in _summary_value(summary, "checkpoint evaluated")
-    validate = cli_main(["validate", *base, "--ckpt_path", "best"])
-    assert _summary_value(summary, "validation accuracy").split()[0] == f"{100 * float(validate.trainer.callback_metrics['val/acc']):.2f}%"
-    test = cli_main(["test", *base, "--ckpt_path", "best"])
-    assert _summary_value(summary, "test accuracy (decoy-free)").split()[0] == f"{100 * float(test.trainer.callback_metrics['test/acc']):.2f}%"
-    for cli, sub in ((validate, "validate"), (test, "test")):  # beside the run, never over its files
-        assert cli.run_dir.parent.resolve() == first.resolve() and cli.run_dir.name.startswith(f"{sub}-")
-        assert (cli.run_dir / "config.yaml").is_file()
 
     second = cli_main(["fit", *base]).run_dir
     assert second.resolve() != first.resolve() and (runs / "latest").resolve() == second.resolve()
     assert all(p.read_bytes() == data for p, data in files.items()), "the second fit changed the first run's files"
 
-    resumed = cli_main(["fit", *base, "--trainer.max_epochs", "3", "--ckpt_path", "last", "--test_after_fit", "false"])
-    assert resumed.run_dir.resolve() == second.resolve() and resumed.trainer.global_step == 9
+    resumed = cli_main(["fit", *base, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    assert resumed.run_dir.resolve() == second.resolve() and resumed.trainer.global_step == 4
     assert sorted(p.name for p in runs.iterdir()) == sorted(["latest", first.name, second.name])
     assert list(second.glob("config.resumed-*.yaml")), "the resumed fit's configuration was not kept"
-    assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 9
+    assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    # the saved configuration reproduces the run in a new directory (no paths of the old run inside)
+    again = cli_main(["fit", "--config", str(second / "config.yaml"), "--test_after_fit", "false"]).run_dir
+    assert again.parent.name == "config" and again.resolve() not in (first.resolve(), second.resolve())
 
 
 def test_explicit_paths_are_not_overwritten_without_the_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -373,6 +373,8 @@ class HarmoniaCLI(LightningCLI):
             help="predict: CSV file of the predictions (default <run dir>/predictions.csv).",
         )
         parser.set_defaults({"data": {"class_path": "harmonia.data.DecoyDigitsDataModule"}})
+        if "--return_predictions" in parser._option_string_actions:  # noqa: SLF001 - predict only
+            parser.set_defaults({"return_predictions": False})  # they go to the CSV, not into memory
         _retype_batch_counts(parser)
 
     # -- run directory -------------------------------------------------------------------------

@@ -6,7 +6,9 @@ import contextlib
 import errno
 import os
 import resource
+import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -83,11 +85,29 @@ def test_saved_checkpoint_gets_ordinary_file_permissions(tmp_path: Path) -> None
     assert (tmp_path / "a.ckpt").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
-def _unwritable(tmp_path: Path) -> list[Path]:
+@pytest.fixture
+def immutable_dir(tmp_path: Path):
+    """An existing directory nobody, root included, may write into (``chattr +i``: EPERM), or None
+    where chattr or the capability is missing."""
+    directory = tmp_path / "immutable"
+    directory.mkdir()
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(directory)], capture_output=True).returncode != 0:
+        yield None
+        return
+    try:
+        yield directory
+    finally:
+        subprocess.run([chattr, "-i", str(directory)], check=True)
+
+
+def _unwritable(tmp_path: Path, immutable: Path | None) -> list[Path]:
     """Checkpoint directories that cannot be created or written, also when running as root."""
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     dirs = [blocker / "checkpoints"]  # ENOTDIR, for root too (chmod does not stop root)
+    if immutable is not None:
+        dirs.append(immutable)  # EPERM: the case Lightning's own writer ignores
     if os.geteuid() != 0:
         locked = tmp_path / "locked"
         locked.mkdir()
@@ -96,10 +116,10 @@ def _unwritable(tmp_path: Path) -> list[Path]:
     return dirs
 
 
-def test_check_writable_directory(tmp_path: Path) -> None:
+def test_check_writable_directory(tmp_path: Path, immutable_dir: Path | None) -> None:
     check_writable_directory(tmp_path / "new" / "checkpoints")
     assert (tmp_path / "new" / "checkpoints").is_dir() and not list((tmp_path / "new" / "checkpoints").iterdir())
-    for directory in _unwritable(tmp_path):
+    for directory in _unwritable(tmp_path, immutable_dir):
         with pytest.raises(CheckpointDirectoryError, match=str(directory)):
             check_writable_directory(directory)
 
@@ -112,8 +132,8 @@ class _NoStep(BoringModel):
         raise AssertionError("the sanity check ran before the checkpoint directory was checked")
 
 
-def test_unwritable_checkpoint_directory_fails_before_the_first_step(tmp_path: Path) -> None:
-    for directory in _unwritable(tmp_path):
+def test_unwritable_checkpoint_directory_fails_before_the_first_step(tmp_path: Path, immutable_dir: Path | None) -> None:
+    for directory in _unwritable(tmp_path, immutable_dir):
         trainer = pl.Trainer(
             accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
             plugins=[SafeCheckpointIO()], default_root_dir=tmp_path,

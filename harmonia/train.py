@@ -131,7 +131,7 @@ class HarmoniaArgumentParser(LightningArgumentParser):
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         """Print the headline, the (shortened) details and the help hint; exit with status 2."""
-        if not self.exit_on_error or getattr(self, "_harmonia_raise", False):
+        if not self.exit_on_error:
             super().error(message, ex)
         headline = config_error_headline(message)
         sys.stderr.write(f"error: {headline}\n")

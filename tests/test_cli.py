@@ -6,7 +6,6 @@ import csv
 import json
 import re
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -156,11 +156,14 @@ def _retype_batch_counts(parser: LightningArgumentParser) -> None:
 
 # ----------------------------------------------------------------------------- run directories
 def _config_name(config: Namespace) -> str:
-    """The stem of the first ``--config`` file, or ``harmonia`` without one."""
-    files = config.get("config") or []
-    for path in files:
+    """The stem of the first ``--config`` file (a run's own ``config.yaml``: that run's config name),
+    or ``harmonia`` without one."""
+    for path in config.get("config") or []:
         if path is not None:
-            return Path(str(getattr(path, "relative", path))).stem or "harmonia"
+            file = Path(str(getattr(path, "absolute", path)))
+            if file.name == "config.yaml" and (file.parent / "checkpoints").is_dir():
+                return file.resolve().parent.parent.name
+            return file.stem or "harmonia"
     return "harmonia"
 
 
@@ -381,6 +384,7 @@ class HarmoniaCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Choose the run directory and point checkpoints, logs and the saved config into it."""
         sub = self.subcommand
+        self._new_fit = False
         # config.yaml records the configuration as given (root "runs", no run paths), so that
         # `harmonia fit --config <run>/config.yaml` reproduces the run in a new directory.
         cfg = self.config[sub] if sub else self.config  # no subcommand: cli_main(run=False)
@@ -457,10 +461,8 @@ class HarmoniaCLI(LightningCLI):
                 self.resumed = True
                 rank_zero_info(f"Resuming run {run}")
                 return run
-        run_dir = _new_run_dir(parent, create=rank_zero)
-        if rank_zero:
-            _point_latest(parent, run_dir)
-        return run_dir
+        self._new_fit = True  # made `latest` in before_fit, once the configuration has instantiated
+        return _new_run_dir(parent, create=rank_zero)
 
     def _eval_run_dir(self, cfg: Namespace, parent: Path, ckpt_path: str | None, sub: str, rank_zero: bool) -> Path:
         """The directory of a validate/test/predict: inside the checkpoint's run, never over its files."""
@@ -501,10 +503,17 @@ class HarmoniaCLI(LightningCLI):
         """Instantiate as LightningCLI does; an argument a class rejects becomes a one-line error."""
         try:
             super().instantiate_classes()
-        except ValueError as error:
-            if "Subtypes:" in str(error) or "Problem with given class_path" in str(error):
+        except BaseException as error:
+            if rank_zero_only.rank == 0 and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
+                self.run_dir.rmdir()  # nothing ran: leave no empty run behind
+            if isinstance(error, ValueError) and ("Subtypes:" in str(error) or "Problem with given class_path" in str(error)):
                 self._refuse(str(error))
             raise
+
+    def before_fit(self) -> None:
+        """Point ``<root>/<config>/latest`` at a new run once it is about to start."""
+        if self._new_fit and rank_zero_only.rank == 0:
+            _point_latest(self.run_dir.parent, self.run_dir)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         """Add the safe checkpoint writer, the directory check, the predictions writer; drop

@@ -303,6 +303,8 @@ def test_config_error_says_what_is_wrong_first(tmp_path: Path, monkeypatch: pyte
     err = capsys.readouterr().err
     assert err.startswith(headline), err[:2000]
     assert len(err) < 4000 and "Traceback" not in err
+    runs = tmp_path / "runs" / "typo"
+    assert not runs.exists() or not list(runs.iterdir()), "a run that never started left a directory"
 
 
 def test_help_and_models_subcommand(capsys) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,7 +71,18 @@ def test_fit_validate_test_predict_smoke(tmp_path: Path) -> None:
     assert (tmp_path / "ckpt" / "best.ckpt").exists() and (tmp_path / "ckpt" / "last.ckpt").exists()
     for sub in ("validate", "test"):
         _run([sub, "--config", str(config), *SMALL_MODEL, "--ckpt_path", "ckpt/best.ckpt"], tmp_path)
-    _run(["predict", "--config", str(config), *SMALL_MODEL, "--ckpt_path", "ckpt/best.ckpt", "--trainer.limit_predict_batches", "1"], tmp_path)
+    out = _run(["predict", "--config", str(config), *SMALL_MODEL, "--ckpt_path", "ckpt/best.ckpt",
+                "--trainer.limit_predict_batches", "1", "--predict_output", "preds.csv"], tmp_path).stdout
+    assert "predictions of 64 samples written to preds.csv" in out
+    rows = list(csv.DictReader((tmp_path / "preds.csv").open()))
+    assert len(rows) == 64 and {"sample", "label", "predicted", "prob_0", "prob_9"} <= set(rows[0])
+    assert all(abs(sum(float(r[f"prob_{k}"]) for k in range(10)) - 1) < 1e-4 for r in rows)
+    assert all(int(r["predicted"]) == max(range(10), key=lambda k: float(r[f"prob_{k}"])) for r in rows)
+    assert [r["sample"] for r in rows] == [str(i) for i in range(64)] and all(r["label"] != "" for r in rows)
+    # an existing output is not overwritten without --overwrite
+    proc = _run(["predict", "--config", str(config), *SMALL_MODEL, "--ckpt_path", "ckpt/best.ckpt",
+                 "--trainer.limit_predict_batches", "1", "--predict_output", "preds.csv"], tmp_path, check=False)
+    assert proc.returncode == 2 and "\nerror: --predict_output preds.csv already exists" in proc.stderr
 
 
 @pytest.mark.parametrize("logger", ["TensorBoardLogger", "CSVLogger", "WandbLogger"])
@@ -101,7 +113,7 @@ def test_wandb_default_is_offline_and_needs_no_account(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.run(HARMONIA + ["fit", "--config", str(path), *SMALL_MODEL], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert list((tmp_path / "runs" / "digits" / "wandb").glob("offline-run-*"))
+    assert list((tmp_path / "runs" / "c" / "latest" / "wandb").glob("offline-run-*"))
 
 
 def test_ddp_two_processes_end_with_identical_weights(tmp_path: Path) -> None:
@@ -110,6 +122,8 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path: Path) -> None:
     config = _config(tmp_path, [record], max_epochs=1, limit_train_batches=6, limit_val_batches=2, limit_test_batches=2,
                      strategy="ddp", devices=2, accelerator="cpu")
     _run(["fit", "--config", str(config), *SMALL_MODEL, "--test_after_fit", "false"], tmp_path)
+    # both processes used rank zero's run directory (the second one did not make its own)
+    assert len([p for p in (tmp_path / "runs" / "config").iterdir() if p.name != "latest"]) == 1
     runs = [json.loads((tmp_path / "out" / f"run_rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world_size"] == 2 and r["global_step"] == 6 for r in runs)
     w0, w1 = (torch.load(tmp_path / "out" / f"weights_rank{r}.pt") for r in (0, 1))
@@ -146,3 +160,187 @@ def test_resume_after_sigkill_finishes_with_the_same_step_count(tmp_path: Path) 
     _run(["fit", "--config", str(crash), *SMALL_MODEL, "--test_after_fit", "false", "--ckpt_path", "last"], crash.parent)
     resumed = json.loads((crash.parent / "out" / "run_rank0.json").read_text())
     assert resumed["global_step"] == expected
+
+
+# ----------------------------------------------------------------------------- run directories
+def _default_checkpoints() -> list[dict]:
+    """configs/digits.yaml's two ModelCheckpoints: no dirpath, so they write into the run directory."""
+    return [{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+             "init_args": {"filename": "best", "monitor": "val/acc", "mode": "max", "save_last": True,
+                           "enable_version_counter": False}}]
+
+
+def _summary_value(out: str, row: str) -> str:
+    match = re.search(rf"^{re.escape(row)}\s*: (.*)$", out, re.MULTILINE)
+    assert match, f"no row {row!r} in the summary:\n{out}"
+    return match.group(1)
+
+
+def test_summary_reports_validate_and_test_of_the_same_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """The summary's numbers are those `validate`/`test` give for the tested checkpoint, with its epoch;
+    `validate`/`test` write beside the run and never over its config.yaml."""
+    from harmonia.train import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    config = _config(tmp_path, _default_checkpoints(), max_epochs=2, limit_train_batches=3, limit_val_batches=2,
+                     limit_test_batches=2)
+    base = ["--config", str(config), *SMALL_MODEL]
+    run = cli_main(["fit", *base]).run_dir
+    summary = capsys.readouterr().out
+    saved_config = (run / "config.yaml").read_bytes()
+    best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=False)
+    assert f"saved in epoch {best['epoch'] + 1} of 2, step {best['global_step']})" in _summary_value(summary, "checkpoint evaluated")
+    validate = cli_main(["validate", *base, "--ckpt_path", "best"])
+    test = cli_main(["test", *base, "--ckpt_path", "best"])
+    for row, cli, key in (("validation accuracy", validate, "val/acc"), ("test accuracy (decoy-free)", test, "test/acc"),
+                          ("val / test objective", None, None)):
+        if cli is not None:
+            assert _summary_value(summary, row).split()[0] == f"{100 * float(cli.trainer.callback_metrics[key]):.2f}%"
+    val_obj, test_obj = (float(x) for x in _summary_value(summary, "val / test objective").split(" / "))
+    assert val_obj == pytest.approx(float(validate.trainer.callback_metrics["val/objective"]), abs=1e-5)
+    assert test_obj == pytest.approx(float(test.trainer.callback_metrics["test/objective"]), abs=1e-5)
+    for cli, sub in ((validate, "validate"), (test, "test")):
+        assert cli.run_dir.parent.resolve() == run.resolve() and cli.run_dir.name.startswith(f"{sub}-")
+        assert (cli.run_dir / "config.yaml").is_file()
+    assert (run / "config.yaml").read_bytes() == saved_config
+
+
+def test_two_fits_keep_two_runs_and_last_resumes_the_latest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from harmonia.train import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    config = _config(tmp_path, _default_checkpoints(), max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    base = ["--config", str(config), *SMALL_MODEL, "--test_after_fit", "false"]
+    runs = tmp_path / "runs" / "config"
+    first = cli_main(["fit", *base]).run_dir
+    assert first.parent.resolve() == runs.resolve() and (runs / "latest").resolve() == first.resolve()
+    files = {p: p.read_bytes() for p in first.rglob("*") if p.is_file()}
+    assert {"config.yaml", "best.ckpt", "last.ckpt"} <= {p.name for p in files}
+
+    second = cli_main(["fit", *base]).run_dir
+    assert second.resolve() != first.resolve() and (runs / "latest").resolve() == second.resolve()
+    assert all(p.read_bytes() == data for p, data in files.items()), "the second fit changed the first run's files"
+
+    resumed = cli_main(["fit", *base, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    assert resumed.run_dir.resolve() == second.resolve() and resumed.trainer.global_step == 4
+    assert sorted(p.name for p in runs.iterdir()) == sorted(["latest", first.name, second.name])
+    assert list(second.glob("config.resumed-*.yaml")), "the resumed fit's configuration was not kept"
+    assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    # the saved configuration reproduces the run in a new directory (no paths of the old run inside)
+    again = cli_main(["fit", "--config", str(second / "config.yaml"), "--test_after_fit", "false"]).run_dir
+    assert again.parent.name == "config" and again.resolve() not in (first.resolve(), second.resolve())
+
+
+def test_explicit_paths_are_not_overwritten_without_the_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from harmonia.train import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    config = _config(tmp_path, [_checkpoint("ckpt")], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "best.ckpt").write_bytes(b"an earlier run's checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(config), *SMALL_MODEL, "--test_after_fit", "false"])
+    assert exit_info.value.code == 2
+    assert (tmp_path / "ckpt" / "best.ckpt").read_bytes() == b"an earlier run's checkpoint"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(config), *SMALL_MODEL, "--run_dir", "mine", "--test_after_fit", "false"])
+    cli = cli_main(["fit", "--config", str(config), *SMALL_MODEL, "--test_after_fit", "false", "--overwrite", "true"])
+    assert cli.trainer.global_step == 1 and (tmp_path / "ckpt" / "best.ckpt").read_bytes() != b"an earlier run's checkpoint"
+
+
+def test_unwritable_checkpoint_directory_fails_before_the_first_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from harmonia.checkpoint_io import CheckpointDirectoryError
+    from harmonia.module import AlignedClassifier
+    from harmonia.train import cli_main
+
+    def no_step(*args, **kwargs):
+        raise AssertionError("a step ran before the checkpoint directory was checked")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(AlignedClassifier, "training_step", no_step)
+    monkeypatch.setattr(AlignedClassifier, "validation_step", no_step)
+    (tmp_path / "a_file").write_text("a file where the checkpoint folder should be (root ignores chmod)")
+    config = _config(tmp_path, [_checkpoint("a_file/checkpoints")], max_epochs=1)
+    with pytest.raises(CheckpointDirectoryError, match="a_file/checkpoints"):
+        cli_main(["fit", "--config", str(config), *SMALL_MODEL])
+
+
+def test_limit_batches_integer_counts_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from harmonia.train import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    config = _config(tmp_path, [], max_epochs=1)
+    cli = cli_main(["fit", "--config", str(config), *SMALL_MODEL, "--trainer.limit_train_batches", "1",
+                    "--trainer.limit_val_batches", "0.0", "--test_after_fit", "false"])
+    assert cli.trainer.global_step == 1 and cli.trainer.limit_train_batches == 1
+
+
+# ----------------------------------------------------------------------------- error messages
+def _exit_code(fn, *args) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        fn(*args)
+    code = exit_info.value.code
+    return code if isinstance(code, int) else 1  # SystemExit("message") exits with status 1
+
+
+@pytest.mark.parametrize(("old", "new", "headline"), [
+    ("every_n_epochs: 6\n", "every_n_epoch: 6\n",
+     "error: trainer.callbacks: harmonia.callbacks.SaliencyMonitor: Option 'every_n_epoch' is not accepted"),
+    ("method: saliency,", "method: saliancy,", "error: unknown attribution method 'saliancy'; registered: saliency,"),
+])
+def test_config_error_says_what_is_wrong_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, old: str,
+                                               new: str, headline: str) -> None:
+    from harmonia.train import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    text = (ROOT / "configs" / "digits.yaml").read_text()
+    assert old in text
+    (tmp_path / "typo.yaml").write_text(text.replace(old, new, 1))
+    assert _exit_code(cli_main, ["fit", "--config", str(tmp_path / "typo.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(headline), err[:2000]
+    assert len(err) < 4000 and "Traceback" not in err
+    runs = tmp_path / "runs" / "typo"
+    assert not runs.exists() or not list(runs.iterdir()), "a run that never started left a directory"
+
+
+def test_help_and_models_subcommand(capsys) -> None:
+    from harmonia.train import cli_main, models_main
+
+    assert _exit_code(cli_main, ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "models [PATTERN]" in out and "convert SOURCE OUT" in out and "{fit,validate,test,predict}" in out
+    assert _exit_code(models_main, ["--help"]) == 0
+    assert "usage: harmonia models" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no registered model matches 'no_such_model\\*'"):
+        models_main(["no_such_model*"])
+    models_main(["lipschitz*"])
+    assert capsys.readouterr().out.startswith("lipschitz_cnn")
+
+
+def test_convert_into_an_existing_file_is_a_clear_error(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import data_files
+    from harmonia.data.convert import main as convert_main
+
+    source = data_files.folder(tmp_path / "source")
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(SystemExit, match=f"output {re.escape(str(tmp_path / 'out'))} exists and is a file"):
+        convert_main([str(source), str(tmp_path / "out")])
+    convert_main([str(source), str(tmp_path / "shards")])
+    with pytest.raises(SystemExit, match="already holds converted shards"):
+        convert_main([str(source), str(tmp_path / "shards")])
+
+
+def test_index_csv_with_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import data_files
+    from harmonia.data.folder import FolderDataset
+
+    root = data_files.folder(tmp_path / "data")
+    index = root / "index.csv"
+    index.write_bytes(b"\xef\xbb\xbf" + index.read_bytes())  # what Excel's "CSV UTF-8" writes
+    assert len(FolderDataset(root)) == 6

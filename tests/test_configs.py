@@ -68,3 +68,62 @@ def test_every_digits_config_shares_the_budget() -> None:
     for name, config in configs.items():
         # the cosine schedule must reach its end exactly at the last epoch
         assert config["model"]["lr_scheduler"]["init_args"]["T_max"] == config["trainer"]["max_epochs"], name
+
+
+# ----------------------------------------------------------------------------- every config × every logger
+SHIPPED = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+LOGGER_ARGS = {
+    "wandb": ["--trainer.logger", "WandbLogger", "--trainer.logger.offline", "true"],
+    "tensorboard": ["--trainer.logger", "TensorBoardLogger"],
+    "csv": ["--trainer.logger", "CSVLogger"],
+    "none": ["--trainer.logger", "false"],
+}
+# The fast suite: each logger once on a config without monitors (seconds), and the ResNet-50
+# config without a logger (its LearningRateMonitor once crashed there). The other combinations
+# (configs with monitors take a minute on 2 busy cores) are marked slow.
+FAST = {("digits_cnn_harmonized.yaml", "csv"), ("digits_cnn_rrr.yaml", "wandb"),
+        ("digits_cnn_harmonized_rrr.yaml", "tensorboard"), ("clickme_resnet50.yaml", "none")}
+
+
+def _one_step_args(name: str, tmp: Path) -> list[str]:
+    """Overrides that make a shipped config run one training step on CPU, on tiny data."""
+    args = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+            "--trainer.limit_test_batches", "1", "--trainer.num_sanity_val_steps", "0",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    if name.startswith("clickme"):
+        from harmonia.data.synthetic import write_synthetic_clickme
+
+        records = write_synthetic_clickme(tmp / "clickme.tfrecords", count=4, size=64)
+        args += ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
+                 "--trainer.num_nodes", "1", "--trainer.precision", "32-true",
+                 "--data.init_args.train", str(records), "--data.init_args.val", str(records),
+                 "--data.init_args.image_size", "64", "--data.init_args.batch_size", "2",
+                 "--data.init_args.num_workers", "0", "--data.init_args.index_dir", str(tmp / "index")]
+        if "finetune" in name:  # no local ImageNet weights in the test environment: random init
+            args += ["--model.arch_args", '{"channels_last": true, "checkpointing": false}']
+    return args
+
+
+@pytest.mark.parametrize(
+    ("name", "logger"),
+    [pytest.param(n, lg, marks=() if (n, lg) in FAST else pytest.mark.slow, id=f"{n}-{lg}")
+     for n in SHIPPED for lg in LOGGER_ARGS],
+)
+def test_every_shipped_config_runs_one_step_with_each_logger(name: str, logger: str, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parse the shipped config, train one step, validate and test, with W&B, TensorBoard, CSV or no logger."""
+    from harmonia.train import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["fit", "--config", str(CONFIGS / name), *_one_step_args(name, tmp_path), *LOGGER_ARGS[logger]])
+    assert cli.trainer.global_step == 1
+    run = cli.run_dir
+    assert run.resolve().parent == (tmp_path / "runs" / Path(name).stem).resolve()
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    if logger == "none":
+        assert cli.trainer.logger is None
+    elif logger == "wandb":  # the tests run W&B disabled (no files): check where it would write
+        assert Path(cli.trainer.logger.save_dir) == run
+    else:
+        files = [p for p in run.rglob("*") if p.is_file() and "checkpoints" not in p.parts and p.name != "config.yaml"]
+        assert files, f"{logger} wrote nothing into the run directory {run}"

@@ -319,9 +319,6 @@ def test_worked_path_pretrain_save_load_and_finetune_with_the_shipped_config(tmp
     config = yaml.safe_load((ROOT / "configs" / "clickme_resnet50_finetune.yaml").read_text())
     config["trainer"].update(small, strategy="auto", num_nodes=1, logger={
         "class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "logs"}})
-    for callback in config["trainer"]["callbacks"]:
-        if "dirpath" in callback["init_args"]:
-            callback["init_args"]["dirpath"] = "ckpt"
     config["trainer"]["callbacks"] += [
         {"class_path": "harmonia.callbacks.FinetuningSchedule", "init_args": {"unfreeze": {0: ["head", "net.layer4"], 1: ["all"]}}},
         {"class_path": "test_finetune._Snapshots"}]
@@ -345,7 +342,7 @@ def test_worked_path_pretrain_save_load_and_finetune_with_the_shipped_config(tmp
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["nesterov"]
     assert type(trainer.lr_scheduler_configs[0].scheduler).__name__ == "WarmupMultiStepLR"
     assert cli.model.model.net.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
-    assert (tmp_path / "ckpt" / "best.ckpt").exists()
+    assert (cli.run_dir / "checkpoints" / "best.ckpt").exists()  # the run directory the CLI made
     logged = (next((tmp_path / "logs").rglob("metrics.csv"))).read_text()
     assert "train/harmonization" in logged and "test/acc" in logged
 

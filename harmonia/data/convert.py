@@ -121,6 +121,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num-classes", type=int, default=None, help="labels must be below this")
     parser.add_argument("--skip-bad-samples", action="store_true", help="leave bad samples out instead of failing")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"harmonia convert: output {out} exists and is a file, not a folder; give a new folder")
+    if (out / "shards.json").exists():
+        raise SystemExit(f"harmonia convert: {out} already holds converted shards (shards.json); "
+                         "remove them or give another folder")
     try:
         manifest = convert(args.source, args.out, args.max_count, args.prefix, args.num_classes, args.skip_bad_samples)
     except (BadSampleError, FileNotFoundError) as err:

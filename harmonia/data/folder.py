@@ -42,7 +42,7 @@ MAP_SUFFIXES = (".npy", ".png")
 
 def _read_index(csv_path: Path) -> tuple[list[str], list[str], list[str | None], bool, list[int]]:
     """``(paths, labels, maps, has_map_column, line numbers)`` of an index file."""
-    with open(csv_path, newline="") as f:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a BOM (Excel) is not part of the header
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
         if header[:2] != ["path", "label"] or len(header) > 3 or (len(header) == 3 and header[2] != "map"):

@@ -39,7 +39,7 @@ from harmonia.visualize import (
 from harmonia.visualize.maco import crop_and_resize, resample_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = {**SMALL_INPUT_SETTINGS, "steps": 12, "crops": 4}
+FAST = {**SMALL_INPUT_SETTINGS, "steps": 6, "crops": 3}
 
 
 def tiny_cnn(channels: int = 1, classes: int = 3) -> nn.Sequential:

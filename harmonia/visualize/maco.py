@@ -7,7 +7,8 @@ only variable. Pointwise steps then make it a model input: the phase is standard
 spatial image standardized, its colours recorrelated (fixed 3×3 matrix for RGB, identity for
 grey), squashed by a sigmoid and scaled to the model's value range. Each step cuts random
 crops of the canvas (centres ``~ N(0.5, center_std)`` of each side, sizes from a linear
-schedule ``box[0] → box[1]`` with ``N(·, box_jitter)`` spread, clipped to [0.05, 1]),
+schedule ``box[0] → box[1]`` with ``N(·, box_jitter)`` spread, clipped to
+[0.05, max(1, box)]),
 resizes them to the model's input, adds Gaussian ``N(0, noise)`` plus uniform
 ``U(-noise/2, noise/2)`` noise, and takes one NAdam step (lr 1.0) up the objective's mean
 over the crops. The **transparency** of a pixel is ``Σ_steps |∂objective/∂pixel|`` (per
@@ -20,7 +21,9 @@ noise 0.08, crop size 0.5 → 0.05 (jitter 0.05), centres N(0.5, 0.15), NAdam lr
 them from 0.25–0.30). Those settings zoom into a large canvas; on small inputs such as the
 32×32 decoy digits a crop of 5% is a pixel and the picture's layout (where a corner is)
 matters, so :data:`SMALL_INPUT_SETTINGS` draws on a canvas of the input's own size with
-crops of 100% → 80% of it and centres N(0.5, 0.05), 128 steps of 16 crops.
+crops of 110% → 90% of it (a crop larger than the canvas shows a zero border, black on the
+digits' black background, and lets the corners be seen as often as the centre) and centres
+N(0.5, 0.04), 128 steps of 16 crops.
 
 Engineering choices:
 - **Batched over objectives**: ``B`` objectives optimize ``B`` images in one forward of
@@ -45,6 +48,7 @@ Engineering choices:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,8 +63,8 @@ from harmonia.visualize.spectrum import Spectrum, hermitian_mean, recorrelate
 
 XPLIQUE_SETTINGS: dict = {"steps": 256, "crops": 32, "box": (0.5, 0.05), "box_jitter": 0.05, "center_std": 0.15, "noise": 0.08}
 """xplique's MACO defaults (use with a spectrum of 512×512 for 224×224 inputs)."""
-SMALL_INPUT_SETTINGS: dict = {"steps": 128, "crops": 16, "box": (1.0, 0.8), "box_jitter": 0.05, "center_std": 0.05, "noise": 0.08}
-"""For small inputs (32×32 digits) drawn on a canvas of the input's size: crops keep the layout."""
+SMALL_INPUT_SETTINGS: dict = {"steps": 128, "crops": 16, "box": (1.1, 0.9), "box_jitter": 0.05, "center_std": 0.04, "noise": 0.08}
+"""For small inputs (32×32 digits) drawn on a canvas of the input's size: crops keep the layout and reach the corners."""
 PRESETS: dict[str, dict] = {"xplique": XPLIQUE_SETTINGS, "small": SMALL_INPUT_SETTINGS}
 
 
@@ -122,8 +126,9 @@ def resample_matrix(start: Tensor, extent: Tensor, out: int, length: int) -> Ten
     x = start[:, None, None] * length + (i + 0.5) * scale - 0.5  # (n, out, 1)
     j = torch.arange(length, device=start.device, dtype=start.dtype)[None, None, :]
     weights = (1 - (x - j).abs() / width).clamp_min(0)
-    # The normalizer sums the same filter over every integer (also outside the canvas).
-    reach = int(torch.ceil(width.max()).item()) + 1
+    # The normalizer sums the same filter over every integer (also outside the canvas); the
+    # reach is bounded on the host (extent ≤ 2) so that no step waits for the device.
+    reach = math.ceil(max(1.0, 2 * length / out)) + 1
     k = torch.floor(x) + torch.arange(-reach, reach + 1, device=start.device, dtype=start.dtype)[None, None, :]
     norm = (1 - (x - k).abs() / width).clamp_min(0).sum(-1, keepdim=True)
     return weights / norm
@@ -226,7 +231,8 @@ def run_maco(
         objectives: one objective or a list (one image each, optimized together).
         spectrum: the fixed magnitude; its ``size`` is the canvas, its ``value_range`` the model's input range.
         steps, crops: optimizer steps; crops per step and objective.
-        box: crop side as a fraction of the canvas side, linear from ``box[0]`` to ``box[1]``.
+        box: crop side as a fraction of the canvas side, linear from ``box[0]`` to ``box[1]``
+            (above 1: the crop shows a zero border around the whole canvas).
         box_jitter, center_std: spread of the crop size and of the crop centre.
         noise: std of the Gaussian noise (and width of the uniform noise) added to the crops.
         lr: NAdam learning rate.
@@ -242,8 +248,9 @@ def run_maco(
         raise ValueError("objectives must be an Objective or a non-empty list of Objectives")
     if steps < 1 or crops < 1:
         raise ValueError(f"steps and crops must be >= 1; got steps={steps}, crops={crops}")
-    if not all(0 < b <= 1 for b in box):
-        raise ValueError(f"box sizes are fractions of the canvas in (0, 1]; got {box}")
+    if not all(0 < b <= 2 for b in box):
+        raise ValueError(f"box sizes are fractions of the canvas side in (0, 2]; got {box}")
+    largest = max(1.0, *box)
     seeds = [objective_seed(seed, i) for i in range(len(objs))] if isinstance(seed, int) else [int(s) for s in seed]
     if len(seeds) != len(objs):
         raise ValueError(f"{len(seeds)} seeds for {len(objs)} objectives")
@@ -274,7 +281,7 @@ def run_maco(
             # Crop geometry per objective, from its own CPU generator (a few numbers).
             params = torch.stack([
                 torch.cat([
-                    (torch.randn(n, generator=g) * box_jitter + size).clamp(0.05, 1.0),
+                    (torch.randn(n, generator=g) * box_jitter + size).clamp(0.05, largest),
                     0.5 + torch.randn(n, generator=g) * center_std,
                     0.5 + torch.randn(n, generator=g) * center_std,
                 ])

@@ -15,17 +15,19 @@ shows of the decoy shortcut (issue #16).
    ``[b1, 2·b1 − b0]`` instead of ``[b0, b1]`` (``rand·(b1−b0) + b1``), so with its default
    ``(0.20, 0.25)`` crops are 0.25–0.30 of the canvas; Harmonia is run with crops of 0.30 →
    0.25 (no jitter) so that both cut the same range. ``null`` when horama is not installed.
-3. ``decoy_alpha_share_*``: on the decoy digits (``configs/digits.yaml``, a 1-Lipschitz CNN
-   trained with the harmonization loss, and its decoy-trained baseline
-   ``configs/digits_baseline.yaml``, or ``--baseline-config configs/digits_cnn_baseline.yaml``
-   for the unconstrained CNN), the MACO pictures of the ten classes (small-input settings,
-   spectrum of the training images) and the share of their transparency mass that falls in
-   the four 4×4 decoy corners (6.25% of the canvas: a picture that ignores the corners
-   scores about that). Mean over classes. The baseline, which reads the label from the decoy's
-   shade, should put markedly more of its transparency there. The runs are trained here for
-   ``--epochs`` epochs (the configs' recipe, no logger) unless ``--ckpt-baseline`` /
-   ``--ckpt-harmonized`` give checkpoints. Pictures: ``benchmarks/results/maco_digits_<arm>.png``
-   (image with transparency as alpha, over white) and ``…_alpha.png`` (the transparency alone).
+3. ``decoy_alpha_share_*``: on the decoy digits, the MACO pictures of the ten classes
+   (small-input settings, spectrum of the training images) of a decoy-trained baseline and of
+   its harmonized twin, and the share of their transparency mass that falls in the four 4×4
+   decoy corners (6.25% of the canvas). Mean over classes. A baseline that reads the label
+   from the decoy's shade puts more of its transparency there. Pairs (``--pairs``):
+   ``lipschitz``, ``configs/digits.yaml`` (1-Lipschitz CNN + harmonization) against
+   ``configs/digits_baseline.yaml``: the keys ``decoy_alpha_share_baseline`` /
+   ``_harmonized``; ``cnn``, ``configs/digits_cnn_harmonized.yaml`` against
+   ``configs/digits_cnn_baseline.yaml``: ``decoy_alpha_share_cnn_baseline`` / ``_cnn_harmonized``.
+   Each model is trained here for ``--epochs`` epochs (the config's recipe, no logger, the
+   final weights) unless a ``--ckpt-*`` option gives its checkpoint. Pictures:
+   ``benchmarks/results/maco_digits_<arm>.png`` (image with transparency as alpha, over white)
+   and ``…_alpha.png`` (the transparency alone, each class scaled to its maximum).
 
     python benchmarks/maco_cost.py --out benchmarks/results/maco_cost.json
 
@@ -232,29 +234,40 @@ def trained_model(config: str, epochs: int, ckpt: str | None, seed: int) -> nn.M
     return cli.model.model.eval()
 
 
+PAIRS = {
+    # pair: (baseline config, harmonized config, JSON key prefix)
+    "lipschitz": ("configs/digits_baseline.yaml", "configs/digits.yaml", "decoy_alpha_share_"),
+    "cnn": ("configs/digits_cnn_baseline.yaml", "configs/digits_cnn_harmonized.yaml", "decoy_alpha_share_cnn_"),
+}
+
+
 def decoy(args: argparse.Namespace) -> dict:
-    """Part 3: pictures and decoy-corner transparency share of the baseline and the harmonized model."""
+    """Part 3: pictures and decoy-corner transparency share of each pair's baseline and harmonized model."""
     results_dir = Path(args.results_dir)
     spectrum = Spectrum.from_images(DecoyDigits("train", seed=args.seed).images)
     mask = decoy_mask()
     out: dict = {"uniform_share": float(mask.float().mean()), "epochs": args.epochs}
-    arms = {"baseline": (args.baseline_config, args.ckpt_baseline), "harmonized": (args.harmonized_config, args.ckpt_harmonized)}
-    for arm, (config, ckpt) in arms.items():
-        start = time.perf_counter()
-        model = trained_model(config, args.epochs, ckpt, args.seed)
-        trained = time.perf_counter() - start
-        result = run_maco(model, [ClassLogit(c) for c in range(10)], spectrum, seed=args.seed, **SMALL_INPUT_SETTINGS)
-        alpha = result.alpha.mean(1)  # (10, 32, 32)
-        shares = (alpha * mask).flatten(1).sum(1) / alpha.flatten(1).sum(1)
-        pictures = maco_figure(result.image, result.alpha)
-        save_figure(figure_grid(pictures, cell=96), results_dir / f"maco_digits_{arm}.png")
-        heat = (alpha / alpha.flatten(1).amax(1)[:, None, None])[:, None].expand(-1, 3, -1, -1)
-        save_figure(figure_grid(heat, cell=96, fill=0.0), results_dir / f"maco_digits_{arm}_alpha.png")
-        out[f"decoy_alpha_share_{arm}"] = float(shares.mean())
-        out[arm] = {"config": config, "ckpt": ckpt, "per_class": [round(float(s), 4) for s in shares],
-                    "train_seconds": round(trained, 1)}
-        print(f"{arm} ({config}): decoy-corner transparency share {shares.mean():.3f} "
-              f"(per class {[round(float(s), 3) for s in shares]}; uniform {out['uniform_share']:.4f})")
+    ckpts = {("lipschitz", "baseline"): args.ckpt_baseline, ("lipschitz", "harmonized"): args.ckpt_harmonized,
+             ("cnn", "baseline"): args.ckpt_cnn_baseline, ("cnn", "harmonized"): args.ckpt_cnn_harmonized}
+    for pair in args.pairs:
+        baseline_config, harmonized_config, prefix = PAIRS[pair]
+        for arm, config in (("baseline", baseline_config), ("harmonized", harmonized_config)):
+            name = arm if pair == "lipschitz" else f"{pair}_{arm}"
+            ckpt = ckpts[pair, arm]
+            start = time.perf_counter()
+            model = trained_model(config, args.epochs, ckpt, args.seed)
+            trained = time.perf_counter() - start
+            result = run_maco(model, [ClassLogit(c) for c in range(10)], spectrum, seed=args.seed, **SMALL_INPUT_SETTINGS)
+            alpha = result.alpha.mean(1)  # (10, 32, 32)
+            shares = (alpha * mask).flatten(1).sum(1) / alpha.flatten(1).sum(1)
+            save_figure(figure_grid(maco_figure(result.image, result.alpha), cell=96), results_dir / f"maco_digits_{name}.png")
+            heat = (alpha / alpha.flatten(1).amax(1)[:, None, None])[:, None].expand(-1, 3, -1, -1)
+            save_figure(figure_grid(heat, cell=96, fill=0.0), results_dir / f"maco_digits_{name}_alpha.png")
+            out[f"{prefix}{arm}"] = float(shares.mean())
+            out[name] = {"config": config, "ckpt": ckpt, "per_class": [round(float(x), 4) for x in shares],
+                         "train_seconds": round(trained, 1)}
+            print(f"{name} ({config}): decoy-corner transparency share {shares.mean():.3f} "
+                  f"(per class {[round(float(x), 3) for x in shares]}; uniform {out['uniform_share']:.4f})", flush=True)
     return out
 
 
@@ -273,10 +286,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument("--skip-horama", action="store_true")
     parser.add_argument("--skip-decoy", action="store_true")
-    parser.add_argument("--baseline-config", default="configs/digits_baseline.yaml")
-    parser.add_argument("--harmonized-config", default="configs/digits.yaml")
-    parser.add_argument("--ckpt-baseline", default=None)
+    parser.add_argument("--pairs", nargs="+", default=["lipschitz", "cnn"], choices=sorted(PAIRS),
+                        help="decoy pairs: lipschitz (digits_baseline.yaml vs digits.yaml; the required JSON keys), "
+                             "cnn (digits_cnn_baseline.yaml vs digits_cnn_harmonized.yaml)")
+    parser.add_argument("--ckpt-baseline", default=None, help="checkpoint of the lipschitz baseline (skips its training)")
     parser.add_argument("--ckpt-harmonized", default=None)
+    parser.add_argument("--ckpt-cnn-baseline", default=None)
+    parser.add_argument("--ckpt-cnn-harmonized", default=None)
     parser.add_argument("--epochs", type=int, default=10, help="training epochs of each decoy arm (without --ckpt-*)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))

@@ -343,3 +343,13 @@ def test_ddp_two_ranks_draw_the_same_pictures_as_one(tmp_path: Path) -> None:
     assert one["classes"] == two["classes"] == [0, 1, 2, 3, 4]
     torch.testing.assert_close(two["image"], one["image"], atol=1e-5, rtol=0)
     torch.testing.assert_close(two["alpha"], one["alpha"], atol=1e-5, rtol=1e-4)
+
+
+def test_bfloat16_crops_draw_the_same_kind_of_picture() -> None:
+    """The CUDA default (bfloat16 crop matmuls), forced on CPU: same shapes, close first-step crops."""
+    spectrum = Spectrum.from_images(smooth_images(4))
+    model = tiny_cnn()
+    full = run_maco(model, ClassLogit(0), spectrum, **{**FAST, "steps": 1, "noise": 0.0})
+    half = run_maco(model, ClassLogit(0), spectrum, crop_dtype=torch.bfloat16, **{**FAST, "steps": 1, "noise": 0.0})
+    assert half.image.shape == full.image.shape and half.alpha.isfinite().all()
+    torch.testing.assert_close(half.scores, full.scores, atol=1e-2, rtol=1e-2)

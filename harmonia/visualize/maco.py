@@ -39,7 +39,10 @@ Engineering choices:
   with small interpolation matrices (bilinear; a triangle filter widened when a crop
   shrinks, i.e. antialiased; zero outside the canvas). Two batched matmuls replace
   ``roi_align``/``grid_sample``, whose backward on GPU scatters with atomics
-  (non-deterministic); matmul backward is deterministic.
+  (non-deterministic); matmul backward is deterministic. The matmuls contract over the
+  whole canvas side (``B·crops·C·h·H·W`` multiply-adds for the first), so on CUDA they run in
+  bfloat16 (``crop_dtype``; fp32 accumulation): a relative error of about 1e-3 in the crops,
+  far below the noise added to them.
 - **No side effects**: the model is put in eval mode and every submodule's mode restored;
   the gradients asked of autograd are the phase's and the image's only, so parameters'
   ``.grad`` are untouched; it runs under ``torch.inference_mode`` (a stand-alone
@@ -223,6 +226,7 @@ def run_maco(
     input_size: int | tuple[int, int] | None = None,
     seed: int | Sequence[int] = 0,
     phase_std: float = 1.0,
+    crop_dtype: torch.dtype | None = None,
 ) -> MacoResult:
     """Optimize one image per objective; see the module docstring for the method and defaults.
 
@@ -241,6 +245,8 @@ def run_maco(
         seed: an int (objective ``i`` uses :func:`objective_seed` ``(seed, i)``) or one
             generator seed per objective (how a shard reproduces the full run).
         phase_std: std of the random initial phase.
+        crop_dtype: dtype of the crop matmuls; default bfloat16 on CUDA (their cost would
+            otherwise approach a small model's own), the image's float32 elsewhere.
     """
     single = isinstance(objectives, Objective)
     objs = [objectives] if single else list(objectives)
@@ -251,7 +257,7 @@ def run_maco(
     if not all(0 < b <= 2 for b in box):
         raise ValueError(f"box sizes are fractions of the canvas side in (0, 2]; got {box}")
     largest = max(1.0, *box)
-    seeds = [objective_seed(seed, i) for i in range(len(objs))] if isinstance(seed, int) else [int(s) for s in seed]
+    seeds = [int(s) for s in seed] if isinstance(seed, Sequence) else [objective_seed(int(seed), i) for i in range(len(objs))]
     if len(seeds) != len(objs):
         raise ValueError(f"{len(seeds)} seeds for {len(objs)} objectives")
     channels = getattr(model, "input_shape", (spectrum.channels,))[0]
@@ -259,6 +265,8 @@ def run_maco(
         raise ValueError(f"the model takes {channels} channels, the spectrum has {spectrum.channels}")
 
     device = _device_of(model)
+    if crop_dtype is None and device.type == "cuda":
+        crop_dtype = torch.bfloat16
     height, width = spectrum.size
     in_h, in_w = _input_size(model, spectrum, input_size)
     n, b_count = crops, len(objs)
@@ -290,7 +298,10 @@ def run_maco(
             extent, cx, cy = params[:, 0].reshape(-1), params[:, 1].reshape(-1), params[:, 2].reshape(-1)
             rows = resample_matrix(cy - extent / 2, extent, in_h, height).view(b_count, n, in_h, height)
             cols = resample_matrix(cx - extent / 2, extent, in_w, width).view(b_count, n, in_w, width)
-            cut = crop_and_resize(image, rows, cols)  # (B, n, C, h, w)
+            if crop_dtype is not None and crop_dtype != image.dtype:
+                cut = crop_and_resize(image.to(crop_dtype), rows.to(crop_dtype), cols.to(crop_dtype)).to(image.dtype)
+            else:
+                cut = crop_and_resize(image, rows, cols)  # (B, n, C, h, w)
             if noise > 0:
                 shape = cut.shape[1:]
                 jitter = torch.stack([

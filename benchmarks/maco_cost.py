@@ -26,8 +26,9 @@ shows of the decoy shortcut (issue #16).
    ``configs/digits_cnn_baseline.yaml``: ``decoy_alpha_share_cnn_baseline`` / ``_cnn_harmonized``.
    Each model is trained here for ``--epochs`` epochs (the config's recipe, no logger, the
    final weights) unless a ``--ckpt-*`` option gives its checkpoint. Pictures:
-   ``benchmarks/results/maco_digits_<arm>.png`` (image with transparency as alpha, over white)
-   and ``…_alpha.png`` (the transparency alone, each class scaled to its maximum).
+   ``benchmarks/results/maco_digits_<arm>.png`` (image with transparency as alpha, over black),
+   ``…_image.png`` (the image alone) and ``…_alpha.png`` (the transparency alone, each class
+   scaled to its maximum); classes 0-9 from left to right.
 
     python benchmarks/maco_cost.py --out benchmarks/results/maco_cost.json
 
@@ -260,7 +261,11 @@ def decoy(args: argparse.Namespace) -> dict:
             result = run_maco(model, [ClassLogit(c) for c in range(10)], spectrum, seed=args.seed, **SMALL_INPUT_SETTINGS)
             alpha = result.alpha.mean(1)  # (10, 32, 32)
             shares = (alpha * mask).flatten(1).sum(1) / alpha.flatten(1).sum(1)
-            save_figure(figure_grid(maco_figure(result.image, result.alpha), cell=96), results_dir / f"maco_digits_{name}.png")
+            # Over black, the digits' own background: what shows is bright and looked at.
+            pictures = maco_figure(result.image, result.alpha, background=0.0)
+            save_figure(figure_grid(pictures, cell=96, fill=0.0), results_dir / f"maco_digits_{name}.png")
+            plain = result.image.expand(-1, 3, -1, -1)  # the image alone, in the model's [0, 1] range
+            save_figure(figure_grid(plain, cell=96, fill=0.0), results_dir / f"maco_digits_{name}_image.png")
             heat = (alpha / alpha.flatten(1).amax(1)[:, None, None])[:, None].expand(-1, 3, -1, -1)
             save_figure(figure_grid(heat, cell=96, fill=0.0), results_dir / f"maco_digits_{name}_alpha.png")
             out[f"{prefix}{arm}"] = float(shares.mean())

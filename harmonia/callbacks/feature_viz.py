@@ -68,7 +68,8 @@ class FeatureVizMonitor(pl.Callback):
         stage: the dataset the spectrum's images come from, ``"train"`` or ``"val"``.
         seed: MACO seed (class ``i`` of ``classes`` uses ``objective_seed(seed, i)``) and the image draw's seed.
         cell: pictures are upscaled (nearest, integer factor) to at least this size in the grid.
-        background: grey level behind transparent pixels.
+        background: grey level behind transparent pixels (1.0 white, as the references' plots; 0.0 for
+            images on black such as the digits).
         model_attr: attribute of the LightningModule holding the classifier (``None``: the module).
     """
 

@@ -248,8 +248,7 @@ def run_maco(
         crop_dtype: dtype of the crop matmuls; default bfloat16 on CUDA (their cost would
             otherwise approach a small model's own), the image's float32 elsewhere.
     """
-    single = isinstance(objectives, Objective)
-    objs = [objectives] if single else list(objectives)
+    objs = [objectives] if isinstance(objectives, Objective) else list(objectives)
     if not objs or not all(isinstance(o, Objective) for o in objs):
         raise ValueError("objectives must be an Objective or a non-empty list of Objectives")
     if steps < 1 or crops < 1:

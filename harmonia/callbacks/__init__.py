@@ -1,6 +1,7 @@
 """Lightning callbacks that read the model from the outside: probes, diagnostics, logging."""
 
 from harmonia.callbacks.concepts import ConceptMonitor
+from harmonia.callbacks.feature_viz import FeatureVizMonitor
 from harmonia.callbacks.finetuning import FinetuningSchedule
 from harmonia.callbacks.lipschitz import LipschitzMonitor
 from harmonia.callbacks.logging import log_image
@@ -10,6 +11,7 @@ from harmonia.callbacks.saliency import SaliencyMonitor
 
 __all__ = [
     "ConceptMonitor",
+    "FeatureVizMonitor",
     "FinetuningSchedule",
     "LipschitzMonitor",
     "Probe",

@@ -33,7 +33,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from harmonia.callbacks.logging import log_image
-from harmonia.callbacks.probe import image_and_label, probe_dataset
+from harmonia.callbacks.probe import as_sample, probe_loader
 from harmonia.visualize import PRESETS, ClassLogit, Spectrum, figure_grid, maco_figure, objective_seed, run_maco
 
 SPECTRUM_FILE = "maco_spectrum.pt"
@@ -130,11 +130,11 @@ class FeatureVizMonitor(pl.Callback):
             if path.is_file():
                 spectrum = Spectrum.load(path)
             else:
-                dataset = probe_dataset(trainer, self.stage)
+                dataset = probe_loader(trainer, self.stage).dataset
                 count = min(self.spectrum_images, len(dataset))
                 order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))[:count].tolist()
                 with torch.inference_mode(False):
-                    images = torch.stack([torch.as_tensor(image_and_label(dataset[i], i)[0]).float() for i in order])
+                    images = torch.stack([torch.as_tensor(as_sample(dataset[i], f"sample {i}").image).float() for i in order])
                 spectrum = Spectrum.from_images(images, size=self.canvas)
                 spectrum.save(path)
         shared = None if spectrum is None else (spectrum.magnitude, spectrum.size, spectrum.color_matrix, spectrum.value_range)

@@ -294,39 +294,77 @@ def test_concept_pictures_fit_the_mosaic() -> None:
 
 # --- the callback ------------------------------------------------------------------------
 
-def test_feature_viz_monitor_in_a_standalone_validate(tmp_path: Path) -> None:
-    """Stand-alone validate runs under inference mode; the grid reaches the logger, the spectrum file is written."""
-    from harmonia.callbacks import FeatureVizMonitor
+def _digits_validate(monitor: object, tmp_path: Path, logger: object = None) -> tuple[pl.Trainer, object, dict]:
+    """A small seeded CNN on the decoy digits, validated stand-alone (inference mode) with ``monitor``."""
     from harmonia.data import DecoyDigitsDataModule
     from harmonia.module import AlignedClassifier
 
     torch.manual_seed(0)
     module = AlignedClassifier(arch="cnn", arch_args={"widths": [4, 8], "hidden": 16})
     module.train()
-    monitor = FeatureVizMonitor(classes=[0, 3, 7], maco_args={"steps": 3, "crops": 2}, spectrum_images=32)
-    trainer = pl.Trainer(accelerator="cpu", logger=CSVLogger(tmp_path), callbacks=[monitor], inference_mode=True,
-                         limit_val_batches=1, enable_progress_bar=False, enable_model_summary=False)
-    trainer.validate(module, datamodule=DecoyDigitsDataModule(batch_size=16), verbose=False)
-    assert module.training and module.model.training
-    assert monitor.results["image"].shape == (3, 1, 32, 32)
-    assert monitor.results["classes"] == [0, 3, 7]
-    (png,) = monitor.results["logged"]
-    assert Path(png).is_file() and "feature_viz_classes" in png
-    spectrum_file = Path(trainer.log_dir) / "maco_spectrum.pt"
-    assert Spectrum.load(spectrum_file).size == (32, 32)
-    # the same classes drawn directly give the same pictures
-    direct = run_maco(module.model, [ClassLogit(c) for c in (0, 3, 7)], Spectrum.load(spectrum_file),
-                      **{**SMALL_INPUT_SETTINGS, "steps": 3, "crops": 2})
-    torch.testing.assert_close(monitor.results["image"], direct.image)
+    trainer = pl.Trainer(accelerator="cpu", logger=logger if logger is not None else CSVLogger(tmp_path), callbacks=[monitor],
+                         inference_mode=True, limit_val_batches=1, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    metrics = trainer.validate(module, datamodule=DecoyDigitsDataModule(batch_size=16), verbose=False)[0]
+    return trainer, module, metrics
 
 
-def test_feature_viz_monitor_rejects_bad_options() -> None:
+def test_feature_viz_monitor_in_a_standalone_validate(tmp_path: Path) -> None:
+    """Stand-alone validate runs under inference mode; the grid reaches the logger, the spectrum file is written."""
     from harmonia.callbacks import FeatureVizMonitor
 
-    with pytest.raises(ValueError, match="unknown maco_args"):
-        FeatureVizMonitor(maco_args={"stepz": 3})
+    monitor = FeatureVizMonitor(classes=[0, 3, 7], maco={"steps": 3, "crops": 2}, spectrum_images=32)
+    trainer, module, metrics = _digits_validate(monitor, tmp_path)
+    assert module.training and module.model.training
+    pictures = monitor.pictures
+    assert pictures.image.shape == pictures.alpha.shape == (3, 1, 32, 32)
+    assert pictures.classes == [0, 3, 7]
+    (png,) = pictures.logged
+    assert Path(png).is_file() and "feature_viz_classes" in png
+    for c, score in zip((0, 3, 7), pictures.score.tolist()):
+        assert metrics[f"feature_viz/class_{c}/score"] == pytest.approx(score)
+    # the spectrum is the probe's: ceil(32 / 3) = 11 validation images of each drawn class
+    probe = monitor.probe(trainer, module)
+    assert len(probe) == 33 and probe.labels.tolist() == [0] * 11 + [3] * 11 + [7] * 11
+    spectrum_file = Path(trainer.log_dir) / "maco_spectrum.pt"
+    spectrum = Spectrum.load(spectrum_file)
+    assert spectrum.size == (32, 32)
+    torch.testing.assert_close(spectrum.magnitude, Spectrum.from_images(probe.images).magnitude)
+    # the same classes drawn directly give the same pictures
+    direct = run_maco(module.model, [ClassLogit(c) for c in (0, 3, 7)], spectrum, **{**SMALL_INPUT_SETTINGS, "steps": 3, "crops": 2})
+    torch.testing.assert_close(pictures.image, direct.image)
+    torch.testing.assert_close(pictures.score, direct.scores[:, -1])
+
+
+def test_feature_viz_monitor_loads_a_spectrum_file_and_draws_every_class(tmp_path: Path) -> None:
+    """A spectrum file that exists is used as it is; without ``classes`` every logit is drawn."""
+    from harmonia.callbacks import FeatureVizMonitor
+
+    path = tmp_path / "given" / "spectrum.pt"
+    Spectrum.flat(1, 24).save(path)
+    monitor = FeatureVizMonitor(maco={"steps": 1, "crops": 1}, spectrum=str(path), per_class=1)
+    trainer, _, metrics = _digits_validate(monitor, tmp_path, logger=False)
+    assert monitor.spectrum.size == (24, 24) and torch.equal(monitor.spectrum.magnitude, Spectrum.load(path).magnitude)
+    assert monitor.pictures.classes == list(range(10)) and monitor.pictures.image.shape == (10, 1, 24, 24)
+    assert {f"feature_viz/class_{c}/score" for c in range(10)} <= metrics.keys()
+    assert not monitor.pictures.logged  # no logger: nothing written, no error
+
+
+def test_feature_viz_monitor_refuses_bad_options_before_the_first_step(tmp_path: Path) -> None:
+    from harmonia.callbacks import FeatureVizMonitor
+
+    with pytest.raises(ValueError, match="unknown maco settings"):
+        FeatureVizMonitor(maco={"stepz": 3})
     with pytest.raises(ValueError, match="preset"):
-        FeatureVizMonitor(preset="huge")
+        FeatureVizMonitor(maco={"preset": "huge"})
+    with pytest.raises(ValueError, match="spectrum_images"):
+        FeatureVizMonitor(spectrum_images=0)
+    with pytest.raises(ValueError, match=r"classes \[12\] are not logits.*change `classes`"):
+        _digits_validate(FeatureVizMonitor(classes=[1, 12], maco={"steps": 1, "crops": 1}), tmp_path, logger=False)
+    rgb = tmp_path / "rgb.pt"
+    Spectrum.flat(3, 32).save(rgb)
+    with pytest.raises(ValueError, match="rgb.pt has 3 channels"):
+        _digits_validate(FeatureVizMonitor(classes=[1], spectrum=str(rgb)), tmp_path, logger=False)
 
 
 @pytest.mark.slow
@@ -343,6 +381,7 @@ def test_ddp_two_ranks_draw_the_same_pictures_as_one(tmp_path: Path) -> None:
     assert one["classes"] == two["classes"] == [0, 1, 2, 3, 4]
     torch.testing.assert_close(two["image"], one["image"], atol=1e-5, rtol=0)
     torch.testing.assert_close(two["alpha"], one["alpha"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(two["score"], one["score"], atol=1e-5, rtol=1e-4)
 
 
 def test_bfloat16_crops_draw_the_same_kind_of_picture() -> None:

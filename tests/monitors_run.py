@@ -54,10 +54,10 @@ class Classifier(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
-def monitors() -> tuple[ConceptMonitor, LipschitzMonitor]:
+def monitors(maco: dict | None = None) -> tuple[ConceptMonitor, LipschitzMonitor]:
     """Small settings: 2 classes × 5 images × 4 crops, 3 concepts; 3 probe images per class; no layer check."""
     concepts = ConceptMonitor(layer=5, classes=[0, 3], n_concepts=3, patch_size=16, per_class=5,
-                              nb_design=8, top_crops=2, attribution_images=0)
+                              nb_design=8, top_crops=2, attribution_images=0, maco=maco)
     lipschitz = LipschitzMonitor(epsilons=[0.01, 0.05, 0.1], per_class=3, check_layers=False)
     return concepts, lipschitz
 
@@ -66,7 +66,7 @@ def run(weights: Path, out: Path, devices: int) -> None:
     """Validate the saved weights with both monitors; rank zero writes their results to ``out``."""
     module = Classifier(arch_args=SMALL)
     module.load_state_dict(torch.load(weights))
-    concepts, lipschitz = monitors()
+    concepts, lipschitz = monitors(maco={"steps": 2, "crops": 2})  # 3 concepts on 2 ranks: uneven MACO shards
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1, callbacks=[concepts, lipschitz],
@@ -74,7 +74,8 @@ def run(weights: Path, out: Path, devices: int) -> None:
     trainer.validate(module, datamodule=DecoyDigitsDataModule(batch_size=16), verbose=False)
     if trainer.global_rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        found = {f"class_{c}": {"components": r.bank.components.cpu(), "importance": r.importance} for c, r in concepts.concepts.items()}
+        found = {f"class_{c}": {"components": r.bank.components.cpu(), "importance": r.importance, "maco": r.maco}
+                 for c, r in concepts.concepts.items()}
         torch.save({"concepts": found, "lipschitz": lipschitz.results, "world_size": trainer.world_size}, out / "results.pt")
 
 

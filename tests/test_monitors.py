@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -120,9 +121,65 @@ def test_ddp_two_processes_equal_one_process(weights: Path, tmp_path: Path) -> N
     for c in one["concepts"]:
         torch.testing.assert_close(two["concepts"][c]["components"], one["concepts"][c]["components"], atol=1e-4, rtol=1e-3)
         torch.testing.assert_close(two["concepts"][c]["importance"], one["concepts"][c]["importance"], atol=1e-4, rtol=1e-3)
+        assert one["concepts"][c]["maco"].shape == (3, 1, 16, 16)
+        torch.testing.assert_close(two["concepts"][c]["maco"], one["concepts"][c]["maco"], atol=1e-4, rtol=1e-3)
     assert one["lipschitz"].keys() == two["lipschitz"].keys()
     for key, value in one["lipschitz"].items():
         assert two["lipschitz"][key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_maco_pictures_join_the_concept_mosaic_only_when_enabled(weights: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``maco`` each mosaic row starts with its concept's MACO picture; without it the mosaic is as before."""
+    import harmonia.callbacks.concepts as concepts_module
+    from PIL import Image
+
+    from harmonia.visualize import Spectrum, concept_pictures, objective_seed
+
+    drawn: list[torch.Tensor] = []
+    real_mosaic = concepts_module.concept_mosaic
+    monkeypatch.setattr(concepts_module, "concept_mosaic", lambda crops, *a, **k: drawn.append(crops) or real_mosaic(crops, *a, **k))
+    runs = {}
+    for name, maco in (("off", None), ("on", {"steps": 2, "crops": 2})):
+        monitor = ConceptMonitor(layer=5, classes=[3], n_concepts=3, patch_size=16, per_class=4, nb_design=8, top_crops=2,
+                                 attribution_images=0, maco=maco)
+        trainer = pl.Trainer(accelerator="cpu", logger=CSVLogger(tmp_path / name), callbacks=[monitor], limit_val_batches=1,
+                             enable_progress_bar=False, enable_model_summary=False)
+        module = _module(weights)
+        trainer.validate(module, datamodule=DecoyDigitsDataModule(batch_size=16), verbose=False)
+        runs[name] = (monitor, trainer, module, drawn.pop())
+    off, on = runs["off"][3], runs["on"][3]
+    assert off.shape == (3, 2, 1, 16, 16) and on.shape == (3, 3, 1, 16, 16)
+    torch.testing.assert_close(on[:, 1:], off)  # the crops are untouched: MACO runs after the bank
+    monitor, trainer, module, _ = runs["on"]
+    run = monitor.concepts[3]
+    assert runs["off"][0].concepts[3].maco is None and run.maco.shape == (3, 1, 16, 16)
+    ranked = run.importance.argsort(descending=True)
+    torch.testing.assert_close(on[:, 0], run.maco[ranked])
+    # each picture is its concept's MACO image, on the spectrum of the class's probe images, seeded as in one process
+    images = monitor.probe(trainer, module).images
+    images = images[monitor.probe(trainer, module).labels == 3]
+    direct = concept_pictures(module.model, 5, run.bank, Spectrum.from_images(images), size=16,
+                              seed=[objective_seed(monitor.seed, j) for j in range(3)], **monitor.maco)
+    torch.testing.assert_close(run.maco, direct, atol=1e-4, rtol=1e-3)
+    widths = {name: Image.open(runs[name][0].concepts[3].logged[0]).size[0] for name in runs}
+    assert widths["on"] > widths["off"]
+
+
+def test_maco_cadence_and_options() -> None:
+    monitor = ConceptMonitor(layer=5, classes=[1], maco={}, maco_every_n_epochs=3)
+    assert monitor.maco["steps"] == 64 and monitor.maco["crops"] == 8  # the monitors' defaults over the small preset
+    at = lambda epoch: types.SimpleNamespace(current_epoch=epoch)  # noqa: E731
+    due = []
+    for reason, epoch in (("epoch", 0), ("epoch", 2), ("step", 2), ("last", 4), ("end", 4), ("validate", 0)):
+        monitor.reason = reason
+        due.append(monitor._maco_due(at(epoch)))
+    assert due == [False, True, False, True, True, True]
+    assert not ConceptMonitor(layer=5, classes=[1])._maco_due(at(0))  # off by default
+    with pytest.raises(ValueError, match="unknown maco settings"):
+        ConceptMonitor(layer=5, classes=[1], maco={"step": 3})
+    with pytest.raises(ValueError, match="maco_every_n_epochs"):
+        ConceptMonitor(layer=5, classes=[1], maco={}, maco_every_n_epochs=0)
 
 
 class _CountSteps(pl.Callback):

@@ -12,12 +12,20 @@ by default every ``every_n_epochs`` epochs and at the last one, always in a stan
    run on) and ``…/reconstruction_error`` (``‖A − UW‖/‖A‖`` of the crops' activations), and
    two pictures through ``log_image``: ``…/mosaic`` (a row per concept, most important first:
    its number, importance and top crops) and ``…/attribution`` (probe images tinted by the
-   most important concepts' attribution maps, in the mosaic's colours).
+   most important concepts' attribution maps, in the mosaic's colours);
+4. optionally (``maco``, off by default) a MACO picture of each concept
+   (:func:`harmonia.visualize.concept_pictures`: the image that most excites the concept's
+   direction at ``layer``, its transparency as alpha), drawn on a spectrum measured on the
+   class's probe images and shown as the first tile of the concept's mosaic row. It costs
+   ``n_concepts × steps × crops`` forward passes (up to ``layer``) and backward passes per
+   class, so it has its own cadence, ``maco_every_n_epochs``.
 
 Every rank holds the whole probe (the work is split by crops, not by images): under DDP the
 crops' activations and the per-image Sobol indices are computed on disjoint shards and
 gathered in probe order; rank zero factorizes and broadcasts the bank, so every
-rank holds the same numbers (equal to a 1-process run) and rank zero draws the pictures.
+rank holds the same numbers (equal to a 1-process run) and rank zero draws the pictures. The
+MACO pictures are split by concept (concept ``j`` on rank ``j mod world``, drawn with the seed
+it has in one process) and gathered.
 Previous banks are saved in checkpoints, so drift continues after a resume.
 
 Before the first training step the monitor checks that ``layer`` exists and that its
@@ -31,13 +39,16 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from harmonia.callbacks.feature_viz import maco_settings
 from harmonia.callbacks.logging import log_image
 from harmonia.callbacks.monitor import ProbeMonitor, gather_shards
 from harmonia.callbacks.probe import Probe, rank_shard
 from harmonia.concepts import ConceptBank, Craft, attribution_overlay, concept_mosaic, match_concepts
+from harmonia.visualize import Spectrum, concept_pictures, objective_seed, with_pictures
 
 
 @dataclass
@@ -48,6 +59,7 @@ class ConceptRun:
     importance: Tensor
     drift: float | None
     logged: list[str] = field(default_factory=list)
+    maco: Tensor | None = None  # (k, C, p, p) MACO picture of each concept, in concept order; None when not drawn
 
 
 def _on_shard(fn: Callable[[Tensor], Tensor], items: Tensor, rank: int, world: int) -> Tensor:
@@ -73,6 +85,14 @@ class ConceptMonitor(ProbeMonitor):
         attribution_images: probe images shown in the attribution picture (0: no picture).
         attribution_concepts: most important concepts shown there.
         batch_size: rows per forward.
+        maco: MACO pictures in the mosaic (``None``: off). A dict of MACO settings: ``preset``
+            (default ``"small"``), overrides of it (``steps``, ``crops``, ``box``, ...; the
+            monitors' defaults are ``steps=64, crops=8``) and ``background`` (grey level behind
+            transparent pixels, default 1.0); ``{}`` for the defaults.
+        maco_every_n_epochs: the MACO pictures are drawn at the runs of every n-th epoch
+            (``None``: at every run but the ``every_n_steps`` ones). They are always drawn at the
+            last epoch, at the end of training and in a stand-alone ``validate``; never after a
+            step run.
         every_n_epochs, every_n_steps, at_fit_end, seed, stage, model_attr: the probe and the
             cadence (:class:`ProbeMonitor`).
     """
@@ -91,6 +111,8 @@ class ConceptMonitor(ProbeMonitor):
         attribution_images: int = 4,
         attribution_concepts: int = 3,
         batch_size: int = 256,
+        maco: dict[str, Any] | None = None,
+        maco_every_n_epochs: int | None = None,
         every_n_epochs: int = 5,
         every_n_steps: int = 0,
         at_fit_end: bool = True,
@@ -102,6 +124,8 @@ class ConceptMonitor(ProbeMonitor):
             raise ValueError("ConceptMonitor needs at least one class in `classes`")
         if top_crops < 1:
             raise ValueError(f"ConceptMonitor: top_crops must be >= 1; got {top_crops}")
+        if maco_every_n_epochs is not None and maco_every_n_epochs < 1:
+            raise ValueError(f"ConceptMonitor: maco_every_n_epochs must be >= 1 or None; got {maco_every_n_epochs}")
         super().__init__(every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, at_fit_end=at_fit_end,
                          per_class=per_class, classes=classes, seed=seed, stage=stage, model_attr=model_attr)
         self.layer = layer
@@ -109,6 +133,8 @@ class ConceptMonitor(ProbeMonitor):
         self.top_crops = top_crops
         self.attribution_images = attribution_images
         self.attribution_concepts = attribution_concepts
+        self.maco = None if maco is None else maco_settings("ConceptMonitor", maco, extra=("background",))
+        self.maco_every_n_epochs = maco_every_n_epochs
         self.previous: dict[int, Tensor] = {}  # class -> last bank (k, channels), in concept order
         self.concepts: dict[int, ConceptRun] = {}  # class -> what the last run found
 
@@ -196,14 +222,42 @@ class ConceptMonitor(ProbeMonitor):
         bank = bank.reorder(order)
         self.previous[c] = bank.components.detach().cpu().clone()
 
+        # After the renumbering, so picture j is concept j's from run to run; every rank draws its share.
+        pictures = self._maco_pictures(trainer, pl_module, bank, images) if self._maco_due(trainer) else None
         prefix = f"concepts/class_{c}"
-        logged = self._pictures(trainer, craft, bank, images, prefix) if rank == 0 else []
-        return ConceptRun(bank, bank.importance.cpu(), drift, logged)
+        logged = self._pictures(trainer, craft, bank, images, prefix, pictures) if rank == 0 else []
+        return ConceptRun(bank, bank.importance.cpu(), drift, logged, pictures)
 
-    def _pictures(self, trainer: pl.Trainer, craft: Craft, bank: ConceptBank, images: Tensor, prefix: str) -> list[str]:
-        """The mosaic and attribution pictures (rank zero); returns where they went."""
+    def _maco_due(self, trainer: pl.Trainer) -> bool:
+        """Whether this run draws the MACO pictures (the same answer on every rank)."""
+        if self.maco is None or self.reason == "step":
+            return False
+        if self.reason != "epoch" or self.maco_every_n_epochs is None:
+            return True
+        return (trainer.current_epoch + 1) % self.maco_every_n_epochs == 0
+
+    def _maco_pictures(self, trainer: pl.Trainer, pl_module: pl.LightningModule, bank: ConceptBank, images: Tensor) -> Tensor:
+        """``(k, C, p, p)``: each concept's MACO picture at the crops' size, this rank's concepts drawn, all gathered."""
+        rank, world = trainer.global_rank, trainer.world_size
+        k, size = bank.n_concepts, self.craft_args["patch_size"]
+        spectrum = Spectrum.from_images(images.float())  # the class's own probe images: no file, no download
+        mine = rank_shard(range(k), rank, world)
+        if mine:
+            local = concept_pictures(self.model(pl_module), self.layer, bank, spectrum, size=size, concepts=mine,
+                                     seed=[objective_seed(self.seed, j) for j in mine], **self.maco)
+        else:  # more ranks than concepts: this rank still takes part in the gather
+            local = torch.zeros(0, spectrum.channels, size, size)
+        return gather_shards(pl_module, local.to(pl_module.device), k).cpu()
+
+    def _pictures(
+        self, trainer: pl.Trainer, craft: Craft, bank: ConceptBank, images: Tensor, prefix: str, pictures: Tensor | None = None
+    ) -> list[str]:
+        """The mosaic (with the MACO ``pictures`` first, if drawn) and attribution pictures (rank zero); returns where they went."""
         ranked = bank.importance.argsort(descending=True).tolist()
-        crops = bank.top_crops(self.top_crops)[ranked]
+        crops = bank.top_crops(self.top_crops)
+        if pictures is not None:
+            crops = with_pictures(crops, pictures)
+        crops = crops[ranked]
         labels = [f"concept {j}\nimp {float(bank.importance[j]):.3f}" for j in ranked]
         epoch = f"epoch {trainer.current_epoch}"
         logged = log_image(trainer, f"{prefix}/mosaic", concept_mosaic(crops, labels, colors=ranked), caption=epoch)

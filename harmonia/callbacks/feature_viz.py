@@ -111,7 +111,7 @@ class FeatureVizMonitor(ProbeMonitor):
     def __init__(
         self,
         classes: Sequence[int] | None = None,
-        maco: Mapping[str, Any] | None = None,
+        maco: dict[str, Any] | None = None,
         spectrum: str | None = None,
         spectrum_images: int = 256,
         per_class: int | None = None,

@@ -260,7 +260,8 @@ class ConceptMonitor(ProbeMonitor):
         crops = crops[ranked]
         labels = [f"concept {j}\nimp {float(bank.importance[j]):.3f}" for j in ranked]
         epoch = f"epoch {trainer.current_epoch}"
-        logged = log_image(trainer, f"{prefix}/mosaic", concept_mosaic(crops, labels, colors=ranked), caption=epoch)
+        caption = epoch if pictures is None else f"{epoch}; first tile of each row: the concept's MACO picture"
+        logged = log_image(trainer, f"{prefix}/mosaic", concept_mosaic(crops, labels, colors=ranked), caption=caption)
         shown = ranked[: self.attribution_concepts]
         if self.attribution_images > 0 and shown:
             sample = images[: self.attribution_images]

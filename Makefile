@@ -9,7 +9,7 @@ CONFIG ?= configs/digits.yaml
 
 export WANDB_SILENT ?= true
 
-.PHONY: train test test-slow bench install install-dev clean
+.PHONY: train test test-slow bench install install-dev install-bench clean
 
 $(VENV)/.torch:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,13 @@ $(VENV)/.installed-dev: $(VENV)/.torch pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	touch $@ $(VENV)/.installed
 
+$(VENV)/.installed-bench: $(VENV)/.torch pyproject.toml
+	$(PIP) install -q -e '.[bench]'
+	touch $@ $(VENV)/.installed
+
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
+install-bench: $(VENV)/.installed-bench
 
 ## Train the default configuration on the embedded decoy-digits dataset; prints a summary.
 train: $(VENV)/.installed
@@ -41,13 +46,14 @@ test-slow: $(VENV)/.installed-dev
 	$(PY) -m pytest -m slow -q || [ $$? -eq 5 ]  # exit 5: no test is marked slow yet
 
 ## Benchmarks: tables on stdout, JSON under benchmarks/results/.
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed-bench
 	$(PY) benchmarks/step_cost.py --out benchmarks/results/step_cost.json
 	$(PY) benchmarks/decoy_digits.py --out benchmarks/results/decoy_digits.json
 	$(PY) benchmarks/diagnostics_cost.py --out benchmarks/results/diagnostics_cost.json
 	$(PY) benchmarks/lipschitz_cost.py --out benchmarks/results/lipschitz_cost.json
 	$(PY) benchmarks/finetune_memory.py --out benchmarks/results/finetune_memory.json
 	$(PY) benchmarks/data_throughput.py --out benchmarks/results/data_throughput.json
+	$(PY) benchmarks/maco_cost.py --model digits --out benchmarks/results/maco_cost.json
 
 clean:
 	rm -rf runs wandb lightning_logs .pytest_cache

@@ -289,7 +289,7 @@ def _exit_code(fn, *args) -> int:
 @pytest.mark.parametrize(("old", "new", "headline"), [
     ("every_n_epochs: 6\n", "every_n_epoch: 6\n",
      "error: trainer.callbacks: harmonia.callbacks.SaliencyMonitor: Option 'every_n_epoch' is not accepted"),
-    ("method: saliency,", "method: saliancy,", "error: unknown attribution method 'saliancy'; registered: saliency,"),
+    ("{method: training}", "{method: trainng}", "error: unknown attribution method 'trainng'; registered: saliency,"),
 ])
 def test_config_error_says_what_is_wrong_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, old: str,
                                                new: str, headline: str) -> None:

@@ -44,7 +44,7 @@ from torchmetrics.aggregation import MeanMetric
 from harmonia.callbacks.logging import log_image
 from harmonia.callbacks.monitor import ProbeMonitor
 from harmonia.callbacks.probe import Probe
-from harmonia.explain import Explainer, IntegratedGradients, build_explainer
+from harmonia.explain import EXPLAINERS, Explainer, IntegratedGradients, build_explainer
 from harmonia.explain.plot import saliency_grid
 from harmonia.metrics import ExplanationMetric, build_metric
 
@@ -122,6 +122,9 @@ def _build_method(label: str, kwargs: dict[str, Any]) -> Explainer | TrainingSal
                 "(the score and reduction are the penalty's own)"
             )
         return TrainingSaliency(kwargs.get("penalty"))
+    if name not in EXPLAINERS:  # say that `training` exists too, which the registry does not know
+        raise ValueError(f"unknown attribution method {name!r}; registered: {', '.join(EXPLAINERS)}, "
+                         "and `training` (the saliency of the module's penalty)")
     return build_explainer(name, **kwargs)
 
 

@@ -223,7 +223,7 @@ def test_eva_importance_is_the_drop_of_the_verified_overlap() -> None:
     model, shape = _net("conv_relu_maxpool", 4)
     x = torch.rand(2, *shape, dtype=D)
     target = model(x).argmax(1)
-    eva = EVA(epsilon=0.05, grid_size=4, shared_relaxation=False, dtype="float64", crown_max_neurons=None)
+    eva = EVA(epsilon=0.05, grid_size=4, shared_relaxation=False, importance="tightest", dtype="float64", crown_max_neurons=None)
     full, regions = eva.overlaps(model, x, target)
     masks = cell_masks(4, 8, 8).to(D)
     for u in (0, 5, 15):
@@ -232,6 +232,18 @@ def test_eva_importance_is_the_drop_of_the_verified_overlap() -> None:
         reached = overlap(pgd_margins(model, x, target, 0.05, mask=(1 - masks[u]).expand(2, -1, -1, -1)), target)
         assert bool((regions[:, u] >= reached - 1e-9).all())  # and still sound
     torch.testing.assert_close(eva.region_importance(model, x, target).flatten(1), (full[:, None] - regions).clamp_min(0))
+
+
+def test_eva_ranks_regions_of_a_lipschitz_network_where_the_caps_cannot() -> None:
+    torch.manual_seed(0)
+    model = build_model("lipschitz_cnn", in_channels=1, input_size=8, widths=[4], depth=1, hidden=8).to(D).eval()
+    x = torch.rand(2, 1, 8, 8, dtype=D)
+    target = model(x).argmax(1)
+    # Large ε: the certificate is the tightest bound, the same for every equal-size cell.
+    flat = EVA(epsilon=1.0, grid_size=4, importance="tightest", dtype="float64").region_importance(model, x, target)
+    ranked = EVA(epsilon=1.0, grid_size=4, dtype="float64").region_importance(model, x, target)
+    assert bool((flat.flatten(1).std(1) < 1e-9).all())
+    assert bool((ranked.flatten(1).std(1) > 1e-6).all())
 
 
 def test_certificate_cap_never_loosens_a_bound_and_can_tighten_it() -> None:
@@ -285,6 +297,8 @@ def test_eva_follows_the_explainer_contract() -> None:
     assert model.training and all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match="epsilon"):
         EVA(epsilon=0)
+    with pytest.raises(ValueError, match="importance='crown' needs method='crown'"):
+        EVA(method="ibp", importance="crown")
     with pytest.raises(ValueError, match="grid_size 9"):
         EVA(grid_size=9).attribute(model.eval(), x, target)
 

@@ -15,6 +15,11 @@ about the cost of one. ``shared_relaxation=False`` recomputes all bounds for eac
 
 Since ``B∖u ⊂ B``, ``AO(x, B)`` also bounds ``AO(x, B∖u)``; the minimum is taken, so every
 importance is ≥ 0, and a region that no logit can see gets exactly 0.
+
+Which bounds are compared (``importance``): by default CROWN's. The Lipschitz caps of a
+1-Lipschitz network often bound the overlap more tightly, but they depend on a region's size
+alone, so where they win every equal-size region would get the same importance; the caps still
+give the verified overlaps (:meth:`EVA.overlaps`) and the certified radii (:class:`CertifiedRegions`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harmonia.explain.base import Explainer, check_positive, chunks
-from harmonia.verify.bounds import BoundedNetwork, Intermediate, Method, box_radius, lipschitz_reach, overlap
+from harmonia.verify.bounds import BoundedNetwork, Intermediate, MarginBound, Method, box_radius, lipschitz_reach, overlap
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -95,6 +100,15 @@ class EVA(_VerifiedExplainer):
         intermediate: bounds of the hidden layers: ``crown`` (default; for layers with at most
             ``crown_max_neurons`` quantities per image, ``None`` for all) or ``ibp``.
         shared_relaxation: reuse the relaxations of B for every B∖u (see the module docstring).
+        importance: which verified bounds the importance compares (default ``crown`` with
+            ``method="crown"``, else ``tightest``): ``crown``, CROWN's bounds of ``AO(x, B)`` and
+            ``AO(x, B∖u)``; ``tightest``, the minimum of CROWN, interval bounds and the Lipschitz
+            caps. Both are differences of sound bounds. The caps depend on a region's size only,
+            so wherever they are the tightest bound every equal-size region gets the same
+            importance (measured on the digits model at ε = 0.03: constant maps); CROWN's linear
+            coefficients rank regions as an attack does even where the caps are tighter
+            (benchmarks/eva_cost.py). :meth:`overlaps` and :class:`CertifiedRegions` always use
+            the tightest bounds.
         dtype: arithmetic of the bounds.
         use_certificate: cap bounds with a 1-Lipschitz model's ``certificate``.
         batch_size: images bounded at once.
@@ -108,14 +122,21 @@ class EVA(_VerifiedExplainer):
         intermediate: Intermediate = "crown",
         crown_max_neurons: int | None = 2048,
         shared_relaxation: bool = True,
+        importance: Literal["crown", "tightest"] | None = None,
         dtype: Literal["float32", "float64"] = "float32",
         use_certificate: bool = True,
         batch_size: int = 16,
     ) -> None:
         super().__init__(grid_size, method, intermediate, crown_max_neurons, dtype, use_certificate, batch_size)
         check_positive(epsilon=epsilon)
+        importance = importance or ("crown" if method == "crown" else "tightest")
+        if importance not in ("crown", "tightest"):
+            raise ValueError(f"importance must be 'crown' or 'tightest'; got {importance!r}")
+        if importance == "crown" and method != "crown":
+            raise ValueError("importance='crown' needs method='crown'")
         self.epsilon = float(epsilon)
         self.shared_relaxation = bool(shared_relaxation)
+        self.importance = importance
 
     def _attribute(self, model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
         cells = self.region_importance(model, x, target)
@@ -132,39 +153,56 @@ class EVA(_VerifiedExplainer):
         return torch.cat(out).view(len(x), g, g)
 
     def overlaps(self, model: nn.Module, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """``(AO(x, B) (N,), AO(x, B∖u) (N, grid²))``: the verified overlaps the importance is made of."""
+        """``(AO(x, B) (N,), AO(x, B∖u) (N, grid²))``: the tightest verified overlaps (every bound, caps included)."""
         self._check_grid(x)
         net = self.network(model, x)
         parts = [self._overlaps(net, x[p], target[p]) for p in chunks(len(x), self.batch_size)]
         return torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
 
     def _importance(self, net: BoundedNetwork, x: Tensor, target: Tensor) -> Tensor:
-        full, regions = self._overlaps(net, x, target)
+        full, regions = self._overlaps(net, x, target, tightest=self.importance == "tightest")
         return (full.unsqueeze(1) - regions).clamp_min(0)
 
-    def _overlaps(self, net: BoundedNetwork, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    def _overlaps(self, net: BoundedNetwork, x: Tensor, target: Tensor, tightest: bool = True) -> tuple[Tensor, Tensor]:
+        """``AO(x, B)`` ``(N,)`` and ``AO(x, B∖u)`` ``(N, G²)``: from every bound (``tightest``) or CROWN's alone."""
         xs = x.detach().to(net.dtype)
         n, g2 = len(xs), self.grid_size**2
         radius = box_radius(xs, self.epsilon)
         masks = cell_masks(self.grid_size, *xs.shape[-2:], xs.device).to(net.dtype)  # (G², 1, H, W)
         state = net.bound(xs - radius, xs + radius, self.intermediate, self.crown_max_neurons)
         margins = net.margins(state, target, self.method)
-        full = margins.upper(radius)  # (N, K)
+        full = margins.upper(radius) if tightest else _linear_upper(margins, radius)  # (N, K)
         if self.shared_relaxation and margins.coef is not None:
             # Sub-box radii ε·(1 − mask_u), evaluated without forming them: Σ_{i∉u} |a_i| = Σ|a| − Σ_{i∈u}|a|.
             coef = margins.coef.abs().sum(2)  # (N, K, H, W): channels of a pixel move together
             per_cell = coef.flatten(2) @ masks.flatten(1).T  # (N, K, G²)
-            linear = margins.linear_at_center().unsqueeze(2) + self.epsilon * (coef.flatten(2).sum(2, keepdim=True) - per_cell)
-            free = xs[0].numel() - masks.flatten(1).sum(1) * xs.shape[1]  # moving coordinates per B∖u
-            cap = margins.margin.unsqueeze(2) + lipschitz_reach(margins.lipschitz.unsqueeze(2), self.epsilon * free.sqrt())
-            regions = torch.minimum(linear, cap).transpose(1, 2)  # (N, G², K)
+            regions = margins.linear_at_center().unsqueeze(2) + self.epsilon * (coef.flatten(2).sum(2, keepdim=True) - per_cell)
+            if tightest:
+                free = xs[0].numel() - masks.flatten(1).sum(1) * xs.shape[1]  # moving coordinates per B∖u
+                cap = margins.margin.unsqueeze(2) + lipschitz_reach(margins.lipschitz.unsqueeze(2), self.epsilon * free.sqrt())
+                regions = torch.minimum(regions, cap)
+            regions = regions.transpose(1, 2)  # (N, G², K)
         else:
-            sub = radius.unsqueeze(1) * (1 - masks).unsqueeze(0)  # (N, G², C, H, W)
-            flat = sub.flatten(0, 1)
+            sub = (radius.unsqueeze(1) * (1 - masks).unsqueeze(0)).flatten(0, 1)  # (N·G², C, H, W)
             rows = torch.arange(n, device=xs.device).repeat_interleave(g2)
-            regions = self._bounds(net, xs[rows], target[rows], flat).view(n, g2, -1)
+            parts = []
+            for part in chunks(len(rows), max(1, self.batch_size)):
+                i, r = rows[part], sub[part]
+                if tightest:
+                    parts.append(self._bounds(net, xs[i], target[i], r))
+                else:
+                    sub_state = net.bound(xs[i] - r, xs[i] + r, self.intermediate, self.crown_max_neurons)
+                    parts.append(_linear_upper(net.margins(sub_state, target[i], "crown"), r))
+            regions = torch.cat(parts).view(n, g2, -1)
         regions = torch.minimum(regions, full.unsqueeze(1))  # B∖u ⊂ B
         return overlap(full, target), _overlap_rows(regions, target)
+
+
+def _linear_upper(margins: MarginBound, radius: Tensor) -> Tensor:
+    """CROWN's bound alone on the box ``center ± radius`` ``(B, K)`` (the target's column 0)."""
+    flat = margins.coef.abs().flatten(2)  # (B, K, D)
+    bound = margins.linear_at_center() + (flat @ radius.flatten(1).to(flat.dtype).unsqueeze(2)).squeeze(2)
+    return bound.scatter(1, margins.target.view(-1, 1), 0.0)
 
 
 def _overlap_rows(bounds: Tensor, target: Tensor) -> Tensor:

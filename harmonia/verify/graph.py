@@ -631,10 +631,11 @@ class _Builder:
         from deel.torchlip.modules.activation import GroupSort, MaxMin
         from deel.torchlip.modules.pooling import ScaledAdaptiveAvgPool2d, ScaledAvgPool2d, ScaledL2NormPool2d
 
+        from harmonia.models.backbones import Backbone
         from harmonia.models.layers import GroupSort2, L2NormPool2d
 
         kind = type(module)
-        if hasattr(module, "mean") and hasattr(module, "std") and hasattr(module, "net") and type(module).__name__ == "Backbone":
+        if isinstance(module, Backbone):
             std = module.std.detach().flatten().to(self.device, self.dtype)
             mean = module.mean.detach().flatten().to(self.device, self.dtype)
             at = self.add(ChannelAffineOp(f"{name}.normalize" if name else "normalize", 1 / std, -mean / std), [at])

@@ -20,7 +20,6 @@ from harmonia.verify import (
     BoundedNetwork,
     CertifiedRegions,
     UnsupportedLayerError,
-    box_radius,
     cell_masks,
     margin_bounds,
     overlap,

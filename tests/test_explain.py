@@ -169,7 +169,7 @@ def test_box_blur_matches_opencv_semantics() -> None:
 
 
 def test_registry_and_bad_input_errors() -> None:
-    assert set(list_explainers()) == {"saliency", "smoothgrad", "integrated_gradients", "sobol"}
+    assert set(list_explainers()) == {"saliency", "smoothgrad", "integrated_gradients", "sobol", "eva", "certified_regions"}
     assert isinstance(build_explainer("sobol", nb_design=8), SobolAttribution)
     with pytest.raises(ValueError, match="unknown attribution method 'gradcam'"):
         build_explainer("gradcam")

@@ -13,12 +13,15 @@ from harmonia.explain.integrated_gradients import IntegratedGradients
 from harmonia.explain.saliency import Saliency, SmoothGrad
 from harmonia.explain.sobol import SobolAttribution
 from harmonia.registry import construct, describe
+from harmonia.verify.eva import EVA, CertifiedRegions
 
 EXPLAINERS: dict[str, type[Explainer]] = {
     "saliency": Saliency,
     "smoothgrad": SmoothGrad,
     "integrated_gradients": IntegratedGradients,
     "sobol": SobolAttribution,
+    "eva": EVA,
+    "certified_regions": CertifiedRegions,
 }
 
 

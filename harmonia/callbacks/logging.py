@@ -7,9 +7,7 @@ rank zero logs: ``logger.experiment`` is a dummy on the other ranks.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from torch import Tensor
+
+from harmonia.visualize.figure import save_figure
 
 
 def _as_chw(image: Tensor | np.ndarray) -> Tensor:
@@ -40,20 +40,7 @@ def _as_chw(image: Tensor | np.ndarray) -> Tensor:
 
 def save_png(image: Tensor | np.ndarray, path: str | Path) -> Path:
     """Write ``image`` as a PNG atomically (a temporary file, then a rename); return the path."""
-    from PIL import Image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = (_as_chw(image).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    try:
-        Image.fromarray(pixels).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return save_figure(_as_chw(image), path)
 
 
 def log_image(trainer: pl.Trainer, key: str, image: Tensor | np.ndarray, caption: str | None = None) -> list[str]:

@@ -1,4 +1,4 @@
-"""The one place that knows how each logger takes a picture (DESIGN.md: callbacks log images here).
+"""The one place that knows how each logger takes a picture.
 
 W&B gets ``log_image``, TensorBoard ``add_image``, and a CSV logger (or any logger with a
 ``log_dir`` but no image call) gets a PNG file under ``<log_dir>/images/<key>/``. Only global

@@ -1,18 +1,13 @@
 """Keep freed host memory inside the process, so CPU training steps stop page-faulting.
 
-Why this exists (measured on the 2-core CPU machine, digits model, benchmarks/README.md
-"lipschitz_cost.py"): glibc's malloc serves large blocks (the activations of a training
-step, 2-32 MB each) with ``mmap`` or from the top of the heap, and gives them back to the
-operating system when they are freed: ``munmap``, or trimming the heap once more than
+Why this exists: glibc's malloc serves large blocks (the activations of a training step, a
+few MB each) with ``mmap`` or from the top of the heap, and gives them back to the operating
+system when they are freed: ``munmap``, or trimming the heap once more than
 ``M_TRIM_THRESHOLD`` is free at its top. The next step asks for the same sizes again and
-touches every page afresh: a minor page fault and a zeroed page per 4 KiB. A 1-Lipschitz
-step at batch 64 took ~4,600 faults (18 MB) per step and its twin 2 (the Lipschitz layers'
-temporaries leave more free memory at the heap's top, which glibc then trims); at batch 256
-both models faulted 30-50 thousand times per step. With the two thresholds raised, the same
-steps fault ~once: at batch 256 they ran 1.25-1.7× faster (Lipschitz and twin alike), the
-harmonized step at batch 64 from no gain (lipschitz_cost.py) to 1.2× (step_cost.py), the
-cross-entropy step at batch 64 within noise;
-``make train`` 77 → 68-70 s.
+touches every page afresh: a minor page fault and a zeroed page per 4 KiB, thousands per step.
+With the two thresholds raised, the same steps fault about once (``tests/test_allocator.py``
+checks it; the speed-ups per step kind are in benchmarks/README.md, ``lipschitz_cost.py`` and
+``step_cost.py``).
 
 This is what PyTorch's CPU performance guide obtains by preloading jemalloc or tcmalloc,
 done with glibc's own ``mallopt`` so nothing is installed. The cost: a process keeps its
@@ -21,7 +16,7 @@ since every step reaches the same peak again.
 
 Raising ``M_TRIM_THRESHOLD`` alone is worse than nothing: setting either threshold
 switches off glibc's dynamic mmap threshold, so every block above 128 KiB would then be
-mapped and unmapped (measured: 2× slower steps). Both are set together.
+mapped and unmapped, which is slower than the default. Both are set together.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ def single_cpu_thread(device: torch.device | str = "cpu") -> Iterator[None]:
 
     For loops of many tiny operations (an NMF sweep over ``(n, k)`` matrices, power iteration
     of one layer on a batch of one): threads cannot split such work usefully, and when the
-    cores are busy every operation waits at a thread barrier. Measured on the 2-core machine
-    under load: 200 HALS iterations took 0.2 s with one thread and over 10 s with two.
+    cores are busy every operation waits at a thread barrier, which can cost more than the
+    operation itself.
     """
     threads = torch.get_num_threads()
     if torch.device(device).type != "cpu" or threads == 1:

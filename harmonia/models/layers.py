@@ -1,12 +1,10 @@
 """GroupSort2 and L2-norm pooling as cheap tensor ops, same values as deel-torchlip's.
 
-Why these exist (measured on the default digits model, 1 CPU thread, batch 64; see
-benchmarks/README.md "lipschitz_cost.py"): deel-torchlip 1.0.5's ``GroupSort2`` takes
-``min``/``max`` along a size-2 axis and concatenates (25 ms forward, 40 ms forward+backward
-on a 64×32×32×32 tensor, its backward a ``scatter``); ``ScaledL2NormPool2d`` is
-``nn.LPPool2d`` (``avg_pool2d`` in NCHW, 12 ms forward) whose gradient is NaN on an all-zero
-window. Written as strided elementwise ops with a hand-written backward, the same functions
-cost 3 ms (GroupSort2) and 2 ms (pooling) forward, less than the twin's ReLU + MaxPool2d.
+Why these exist: deel-torchlip 1.0.5's ``GroupSort2`` takes ``min``/``max`` along a size-2
+axis and concatenates (its backward a ``scatter``); ``ScaledL2NormPool2d`` is ``nn.LPPool2d``
+(``avg_pool2d`` in NCHW), whose gradient is NaN on an all-zero window. Written as strided
+elementwise ops with a hand-written backward, the same functions cost a fraction of those
+(benchmarks/README.md, ``lipschitz_cost.py``) and have a finite gradient everywhere.
 
 Both backward passes are built from differentiable tensor ops, so the double backward of the
 harmonization loss (gradient of the input gradient) goes through them too.
@@ -25,7 +23,7 @@ class _PairSwap(torch.autograd.Function):
 
     A permutation given a fixed 0/1 mask: linear and its own transpose, so its backward is
     itself (hence differentiable to any order). ``lerp`` with a 0/1 weight selects exactly
-    and, unlike ``torch.where`` on a bool mask, vectorizes (0.3 ms vs 4.4 ms per 1M values here).
+    and, unlike ``torch.where`` on a bool mask, vectorizes on the CPU.
     """
 
     @staticmethod
@@ -99,7 +97,7 @@ class GroupSort2(nn.Module):
 def _window_sum(x: Tensor, k: int) -> Tensor:
     """Sum of ``x`` over non-overlapping ``k×k`` windows of an ``(N, C, k·h, k·w)`` tensor.
 
-    Strided adds: ``avg_pool2d`` on NCHW is 3× slower for ``k = 2`` on this CPU.
+    Strided adds rather than ``avg_pool2d``, whose NCHW CPU kernel is slower for ``k = 2``.
     """
     rows = x[..., 0::k]
     for i in range(1, k):

@@ -19,8 +19,7 @@ a norm test that is read on the host (a device sync on GPU), with gradients resc
   eigenvalues and ``A = Q diag(h(λ)) Qᵀ`` (:class:`_SpectralFactor`); its backward is the
   exact derivative of the same function (Daleckii–Krein divided differences). It replaced
   ~150 small products and scalings per layer (and their autograd nodes), whose dispatch
-  overhead was most of the constraint's cost on the digits model (factor forward+backward of
-  the four ``head=spectral`` layers: 26 → 10 ms, 2 threads). Same values, gradients and power
+  overhead was most of the constraint's cost on the digits model. Same values, gradients and power
   vector as the product path to 1e-10 in float64 (tested). Off the CPU (and with
   ``products = True``) the product iteration below runs instead: no host sync there, where a
   small ``eigh`` is slow. The Gram's backward is one product ``(G + Gᵀ)``-times-``W``
@@ -127,8 +126,8 @@ class _SpectralFactor(torch.autograd.Function):
     Why: ``f`` (``iterations`` Björck steps, :func:`bjorck_factor`) is a polynomial, so with
     ``S = Q diag(λ) Qᵀ`` it acts on each eigenvalue alone: ``A = Q diag(h(λ)) Qᵀ``; the power
     steps (``u ← Sᵏu / ‖Sᵏu‖``), ``σ̂² = max(uᵀSu, FLOOR² ‖S⁴‖_F^¼)`` (``‖S⁴‖_F^¼ = (Σλ⁸)^⅛``)
-    are read off the same decomposition. On a CPU one LAPACK ``eigh`` (1.3–2 ms at 128×128
-    in float64 here) replaces ~150 small ops and their autograd nodes per layer, which were
+    are read off the same decomposition. On a CPU one float64 LAPACK ``eigh`` replaces ~150
+    small ops and their autograd nodes per layer, which were
     most of the constraint's cost on the digits model; the per-eigenvalue arithmetic runs in
     NumPy (≤ 128 numbers: torch's per-op dispatch would cost more than the numbers). Same
     function as the op-by-op path in exact arithmetic (tested to 1e-10 in float64, values,
@@ -198,7 +197,7 @@ class _Gram(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
         (matrix,) = ctx.saved_tensors
-        # As (Mᵀ G')ᵀ: MKL runs this layout 1.5× faster for a 128×4096 M here (1.1 vs 1.7 ms).
+        # As (Mᵀ G')ᵀ: MKL runs this layout faster for a wide M (the digits model's 128×4096).
         return (matrix.T @ (grad + grad.T)).T
 
 
@@ -279,7 +278,7 @@ class BjorckOrthonormal(nn.Module):
         with torch.autocast(device_type=weight.device.type, enabled=False):
             ortho = factor @ self._matrix(weight)
         if ortho.shape != weight.flatten(1).shape:
-            # Contiguous: oneDNN runs a strided kernel 3× slower (conv1 of the digits model).
+            # Contiguous: oneDNN's kernel for a strided weight is slower (conv1 of the digits model).
             ortho = ortho.T.contiguous()
         return ortho.view(weight.shape)
 

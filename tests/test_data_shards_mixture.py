@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -221,3 +222,87 @@ def test_augmentation_runs_only_while_the_trainer_trains(tmp_path: Path) -> None
     assert torch.equal(crops(0), crops(0)) and not torch.equal(crops(0), crops(1))  # reproducible, per rank
     with pytest.raises(ValueError, match="map_normalization"):
         ClickMeDataModule(train=str(path), map_normalization="max")
+
+
+def _all_bad_records(path: Path) -> Path:
+    from harmonia.data.tfrecord import TFRecordWriter
+
+    with TFRecordWriter(path) as writer:
+        writer.write(b"not an example")
+    return path
+
+
+@pytest.mark.parametrize("case", ["empty file", "every sample bad", "empty folder"])
+def test_converting_zero_samples_fails_and_leaves_nothing(tmp_path: Path, case: str) -> None:
+    from harmonia.data.convert import main as convert_main
+
+    args = []
+    if case == "empty file":
+        source = tmp_path / "empty.tfrecords"
+        source.write_bytes(b"")
+    elif case == "every sample bad":
+        source = _all_bad_records(tmp_path / "bad.tfrecords")
+        args = ["--skip-bad-samples"]
+    else:
+        source = folder(tmp_path / "f", count=1)
+        (source / "index.csv").write_text("path,label,map\n")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=rf"{re.escape(str(source))}: no samples") as raised:
+        convert_main([str(source), str(out), *args])
+    assert raised.value.code not in (0, None)  # a non-zero exit status
+    assert not out.exists()  # no manifest, no empty shard, no folder left behind
+
+
+def _empty_shards(path: Path) -> Path:
+    from harmonia.data.shards import ShardWriter
+
+    ShardWriter(path).close()  # a manifest of zero samples, as older versions of convert wrote
+    return path
+
+
+@pytest.mark.parametrize("split", ["train", "val", "unmapped_train"])
+@pytest.mark.parametrize("kind", ["records", "folder", "shards"])
+def test_an_empty_split_is_refused_naming_the_split_and_path(tmp_path: Path, split: str, kind: str) -> None:
+    if split == "unmapped_train" and kind == "shards":
+        pytest.skip("mixtures take no shards")
+    good, _ = records(tmp_path / "good.tfrecords", count=4, size=16)
+    if kind == "records":
+        empty = tmp_path / "empty.tfrecords"
+        empty.write_bytes(b"")
+    elif kind == "folder":
+        empty = folder(tmp_path / "f", count=1)
+        (empty / "index.csv").write_text("path,label,map\n")
+    else:
+        empty = _empty_shards(tmp_path / "s")
+    sources = {"train": str(good), "val": str(good), split: str(empty)}
+    dm = ClickMeDataModule(**sources, num_classes=10, image_size=16, batch_size=2, num_workers=0)
+    with pytest.raises(ValueError, match=rf"{split}.*{re.escape(str(empty))}.*no samples"):
+        dm.setup("fit")
+
+
+def test_shards_too_few_for_the_ranks_are_an_empty_split(tmp_path: Path) -> None:
+    path, _ = records(tmp_path / "r.tfrecords", count=3, size=16)
+    convert(str(path), str(tmp_path / "s"), max_count=3)  # one shard: the second rank gets nothing
+    dm = ClickMeDataModule(train=str(tmp_path / "s"), num_classes=10, image_size=16, batch_size=1, num_workers=0)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=2)
+    with pytest.raises(ValueError, match=r"train.*3 samples in 1 shard.*--max-count"):
+        dm.setup("fit")
+
+
+def test_an_empty_split_stops_the_fit_before_the_first_step(tmp_path: Path) -> None:
+    import pytorch_lightning as pl
+
+    from harmonia.module import AlignedClassifier
+
+    good, _ = records(tmp_path / "good.tfrecords", count=4, size=16)
+    empty = tmp_path / "empty.tfrecords"
+    empty.write_bytes(b"")
+    module = AlignedClassifier(arch="cnn", arch_args={"widths": [4], "hidden": 8, "input_size": 16, "in_channels": 3})
+    steps = []
+    module.on_train_batch_start = lambda *args: steps.append(1)
+    dm = ClickMeDataModule(train=str(good), val=str(empty), num_classes=10, image_size=16, batch_size=2, num_workers=0)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=rf"val.*{re.escape(str(empty))}"):
+        trainer.fit(module, datamodule=dm)
+    assert steps == []

@@ -91,9 +91,12 @@ def convert(source: str, out: str, max_count: int = 1000, prefix: str = "shard",
             skip_bad_samples: bool = False) -> dict[str, Any]:
     """Convert ``source`` (folder with index.csv, or ClickMe records) into shards under ``out``.
 
-    Returns the manifest, with ``skipped`` (the reasons) added.
+    Returns the manifest, with ``skipped`` (the reasons) added. Zero samples to write (an empty
+    source, or every sample skipped) is a ``ValueError``, and ``out`` is left as it was: shards
+    of nothing would train nothing, silently.
     """
     skipped: list[str] = []
+    created = not Path(out).exists()  # an output folder we make is removed again on failure
     if Path(source).is_dir() and (Path(source) / "index.csv").is_file():
         samples = folder_samples(source, num_classes, skip_bad_samples, skipped)
         writer = ShardWriter(out, prefix, max_count, map_preprocessing="none")
@@ -101,10 +104,17 @@ def convert(source: str, out: str, max_count: int = 1000, prefix: str = "shard",
         samples = clickme_samples(source, num_classes or 1000, skip_bad_samples, skipped)
         writer = ShardWriter(out, prefix, max_count, map_preprocessing="clickme")
     try:
+        written = 0
         for sample in samples:
             writer.write(sample)
+            written += 1
+        if written == 0:
+            reason = f" (all {len(skipped)} skipped as bad; first: {skipped[0]})" if skipped else ""
+            raise ValueError(f"{source}: no samples to convert{reason}")
     except BaseException:
         writer.abort()
+        if created and Path(out).is_dir() and not any(Path(out).iterdir()):
+            Path(out).rmdir()
         raise
     manifest = writer.close()
     manifest["skipped"] = skipped
@@ -129,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                          "remove them or give another folder")
     try:
         manifest = convert(args.source, args.out, args.max_count, args.prefix, args.num_classes, args.skip_bad_samples)
-    except (BadSampleError, FileNotFoundError) as err:
+    except (BadSampleError, FileNotFoundError, ValueError) as err:
         raise SystemExit(f"harmonia convert: {err}") from None
     print(f"wrote {manifest['total']} samples in {len(manifest['shards'])} shard(s) to {args.out}")
     if manifest["skipped"]:

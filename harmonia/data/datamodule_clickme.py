@@ -178,18 +178,44 @@ class ClickMeDataModule(pl.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def setup(self, stage: str | None = None) -> None:
-        """Open the sources (TFRecord files are indexed once; the index is cached)."""
+        """Open the sources (TFRecord files are indexed once; the index is cached).
+
+        A split with no samples is a ``ValueError`` naming the split and its source: trained
+        on nothing, a fit would run zero steps and report an untrained model as its result.
+        """
         hp = self.hparams
         sources = {"train": hp.train, "val": hp.val, "test": hp.test if hp.test is not None else hp.val}
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in wanted.get(stage or "", tuple(sources)):
             if sources[split] is not None and split not in self.datasets:
-                self.datasets[split] = self._open(sources[split], train=split == "train")
+                dataset = self._open(sources[split], train=split == "train")
+                self._check_not_empty(split if split != "test" or hp.test is not None else "test (= val)",
+                                      sources[split], dataset)
+                self.datasets[split] = dataset
         if "train" in self.datasets and hp.unmapped_train is not None and "unmapped" not in self.datasets:
-            self.datasets["unmapped"] = self._open(hp.unmapped_train, train=True)
+            unmapped = self._open(hp.unmapped_train, train=True)
+            self._check_not_empty("unmapped_train", hp.unmapped_train, unmapped)
+            self.datasets["unmapped"] = unmapped
             if any(isinstance(self.datasets[k], IterableDataset) for k in ("train", "unmapped")):
                 raise ValueError("mixtures need random access: give train and unmapped_train as TFRecords or "
                                  "image folders, not shards")
+
+    def _check_not_empty(self, split: str, source: Source, dataset: Dataset) -> None:
+        """Refuse a split that yields no samples, naming the split and its source."""
+        if len(dataset) > 0:
+            return
+        where = source if isinstance(source, str) else ", ".join(map(str, source))
+        if isinstance(dataset, ShardDataset) and sum(dataset.counts) > 0:
+            rank, world = self._rank()
+            workers = max(self.hparams.num_workers, 1)
+            raise ValueError(
+                f"ClickMeDataModule: the {split} split ({where}) yields no samples on rank {rank}: its "
+                f"{sum(dataset.counts)} samples in {len(dataset.counts)} shard(s) cannot be shared by {world} "
+                f"rank(s) x {workers} worker(s); write smaller shards (harmonia convert --max-count) or use "
+                "fewer workers"
+            )
+        raise ValueError(f"ClickMeDataModule: the {split} split ({where}) has no samples; "
+                         "give a source with data, or leave the split out")
 
     # -- loaders ----------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:

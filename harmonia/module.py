@@ -25,6 +25,7 @@ import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import IterableDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from harmonia.data.sample import Sample
@@ -222,7 +223,8 @@ class AlignedClassifier(pl.LightningModule):
         return f"{self.hparams.arch} (objective {type(self.objective).__name__}; penalties: {terms or 'none'})"
 
     def on_fit_start(self) -> None:
-        """Refuse precision settings under which the double backward is silently wrong."""
+        """Refuse precision settings under which the double backward is silently wrong, and data
+        the model cannot take (:meth:`check_input`), before the first step."""
         precision = str(self.trainer.precision)
         trained = [name for name, p in zip(self.penalty_names, self.penalties) if p.weight > 0]
         if trained and precision.startswith("16"):
@@ -230,6 +232,67 @@ class AlignedClassifier(pl.LightningModule):
                 f"precision={precision!r} scales only the final loss, so the inner input gradient of the "
                 f"penalties {trained} can underflow in fp16; use 'bf16-mixed' or '32-true'"
             )
+        self.check_input()
+
+    def check_input(self) -> None:
+        """One dry forward of one training sample of the trainer's datamodule, in eval mode.
+
+        A data image size (or channel count) the model cannot take would otherwise fail in a
+        matmul at the first step, or hours later at the first monitor; here it fails at once,
+        naming the options to change. Skipped without a datamodule or when its training data is
+        a stream (reading one streamed sample would fill a whole shuffle buffer).
+        """
+        trainer = self.trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None:
+            return
+        loader = datamodule.train_dataloader()
+        dataset = getattr(loader, "dataset", None)
+        if isinstance(dataset, IterableDataset) or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+            return
+        batch = None
+        # Without automatic batching (no batch_sampler) the sampler yields whole index lists.
+        batched = loader.batch_sampler is not None
+        for i in range(min(len(dataset), 16)):  # a skipped bad sample reads as None
+            item = dataset[i] if batched else dataset[[i]]
+            if item is not None:
+                batch = loader.collate_fn([item] if batched else item)
+                break
+        if batch is None:
+            return
+        finish = getattr(datamodule, "finish_batch", None)
+        batch = finish(batch) if callable(finish) else batch
+        image = batch.image if hasattr(batch, "image") else batch[0]
+        precision = trainer.precision_plugin
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad(), precision.forward_context():
+                self.model(precision.convert_input(image[:1].to(self.device)))
+        except RuntimeError as err:
+            raise ValueError(self._input_mismatch(tuple(image.shape[1:]), datamodule, err)) from err
+        finally:
+            self.train(was_training)
+
+    def _input_mismatch(self, shape: tuple[int, ...], datamodule: Any, err: Exception) -> str:
+        """The message of a failed dry forward: what the data gives, what the model expects, what to change."""
+        expected = getattr(self.model, "input_shape", None)
+        data_size = getattr(datamodule, "hparams", {}).get("image_size")
+        option = f"data.image_size = {data_size}" if data_size is not None else "the data's image size"
+        arch = self.hparams.arch
+        hints = []
+        if expected is not None and len(expected) == len(shape):
+            if tuple(shape[1:]) != tuple(expected[1:]):
+                hints.append(f"the data's images are {'x'.join(map(str, shape[1:]))} ({option}) but {arch} expects "
+                             f"{'x'.join(map(str, expected[1:]))} (model arch_args.input_size = {expected[-1]}): "
+                             "make the two sizes equal")
+            if shape[0] != expected[0]:
+                hints.append(f"the data's images have {shape[0]} channel(s) but {arch} expects {expected[0]} "
+                             "(model arch_args.in_channels)")
+        if not hints:
+            hints.append(f"check {option} (images {'x'.join(map(str, shape))}) against the model's input size "
+                         "(arch_args.input_size)")
+        return f"the model cannot take the training data: {'; '.join(hints)}. A dry forward of one sample failed: {err}"
 
     def configure_optimizers(self) -> Any:
         """Optimizer with decay on non-normalization weights only, per-part lr; optional scheduler."""

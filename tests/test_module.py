@@ -194,3 +194,37 @@ def test_weight_schedule_decays_by_cosine_to_its_end_scale() -> None:
     assert Harmonization(0.0, schedule=Cosine(5.0)).weight_at(1.0) == 0.0  # weight 0 stays off
     with pytest.raises(ValueError, match="end_scale"):
         Cosine(-1.0)
+
+
+def test_input_size_mismatch_fails_before_the_first_step(tmp_path) -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from data_files import records
+
+    from harmonia.data import ClickMeDataModule
+
+    path, _ = records(tmp_path / "r.tfrecords", count=4, size=64)
+    module = AlignedClassifier(arch="lipschitz_cnn", arch_args={**SMALL, "input_size": 32, "in_channels": 3})
+    steps = []
+    module.on_train_batch_start = lambda *args: steps.append(1)
+    data = ClickMeDataModule(train=str(path), num_classes=10, image_size=48, batch_size=2, num_workers=0)
+    with pytest.raises(ValueError, match=r"data.image_size.*48.*input_size.*32") as raised:
+        _trainer(max_epochs=1, limit_val_batches=0).fit(module, datamodule=data)
+    assert steps == [] and isinstance(raised.value.__cause__, RuntimeError)
+
+
+def test_the_dry_forward_keeps_the_mode_and_passes_matching_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = AlignedClassifier(arch="cnn", arch_args=SMALL)
+    forwards = []
+    original = module.model.forward
+    monkeypatch.setattr(module.model, "forward", lambda x: forwards.append((x.shape, module.training)) or original(x))
+    trainer = _trainer(max_steps=1, limit_val_batches=0)
+    trainer.fit(module, datamodule=DecoyDigitsDataModule(batch_size=8))
+    assert forwards[0] == (torch.Size([1, 1, 32, 32]), False)  # the dry forward: one sample, eval mode
+    assert forwards[1][1] is True  # the training step runs in training mode again
+    module = AlignedClassifier(arch="cnn", arch_args=SMALL)  # no datamodule: nothing to probe, no error
+    batch = _batch(8)
+    loader = torch.utils.data.DataLoader(list(zip(*batch)), batch_size=4, collate_fn=lambda rows: Sample(*map(torch.stack, zip(*rows))))
+    _trainer(max_steps=1).fit(module, train_dataloaders=loader)

@@ -253,11 +253,13 @@ class AlignedClassifier(pl.LightningModule):
         batch = None
         # Without automatic batching (no batch_sampler) the sampler yields whole index lists.
         batched = loader.batch_sampler is not None
-        for i in range(min(len(dataset), 16)):  # a skipped bad sample reads as None
-            item = dataset[i] if batched else dataset[[i]]
-            if item is not None:
-                batch = loader.collate_fn([item] if batched else item)
-                break
+        # Random worker-side crops draw from torch's generator: the check leaves it as it was.
+        with torch.random.fork_rng(devices=[]):
+            for i in range(min(len(dataset), 16)):  # a skipped bad sample reads as None
+                item = dataset[i] if batched else dataset[[i]]
+                if item is not None:
+                    batch = loader.collate_fn([item] if batched else item)
+                    break
         if batch is None:
             return
         finish = getattr(datamodule, "finish_batch", None)

@@ -248,7 +248,8 @@ class AlignedClassifier(pl.LightningModule):
             return
         loader = datamodule.train_dataloader()
         dataset = getattr(loader, "dataset", None)
-        if isinstance(dataset, IterableDataset) or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        random_access = hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+        if isinstance(dataset, IterableDataset) or not random_access:
             return
         batch = None
         # Without automatic batching (no batch_sampler) the sampler yields whole index lists.

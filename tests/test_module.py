@@ -226,5 +226,6 @@ def test_the_dry_forward_keeps_the_mode_and_passes_matching_sizes(monkeypatch: p
     assert forwards[1][1] is True  # the training step runs in training mode again
     module = AlignedClassifier(arch="cnn", arch_args=SMALL)  # no datamodule: nothing to probe, no error
     batch = _batch(8)
-    loader = torch.utils.data.DataLoader(list(zip(*batch)), batch_size=4, collate_fn=lambda rows: Sample(*map(torch.stack, zip(*rows))))
+    loader = torch.utils.data.DataLoader(list(zip(*batch)), batch_size=4,
+                                         collate_fn=lambda rows: Sample(*map(torch.stack, zip(*rows))))
     _trainer(max_steps=1).fit(module, train_dataloaders=loader)

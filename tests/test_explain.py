@@ -191,9 +191,12 @@ def test_saliency_grid_layout() -> None:
     x, _ = _batch(2)
     maps = {"human": torch.rand(2, 1, 8, 8), "saliency": torch.zeros(2, 1, 8, 8)}
     grid = saliency_grid(x, maps, ["y 0 / p 0", "y 3 / p 1"], min_tile=32)
-    assert grid.shape == (3, 14 + 2 * 34, 56 + 3 * 34) and 0 <= grid.min() and grid.max() <= 1
+    from harmonia.explain.plot import LINE, wrap_title
+
+    header = 2 + LINE * max(len(wrap_title(t, 28)) for t in ("image", *maps))  # titles wrap at a 32-px tile
+    assert grid.shape == (3, header + 2 * 34, 56 + 3 * 34) and 0 <= grid.min() and grid.max() <= 1
     # an all-zero map leaves the (dimmed) image untouched: no colour where nothing matters
-    tile = grid[:, 14:46, 56 + 2 * 34 : 56 + 2 * 34 + 32]
+    tile = grid[:, header : header + 32, 56 + 2 * 34 : 56 + 2 * 34 + 32]
     torch.testing.assert_close(tile[:, 8:24, 8:24], torch.nn.functional.interpolate(x[:1], scale_factor=4)[0][:, 8:24, 8:24] * 0.6, atol=2 / 255, rtol=0)
     with pytest.raises(ValueError, match="map 'human'"):
         saliency_grid(x, {"human": torch.rand(3, 1, 8, 8)})
@@ -320,3 +323,18 @@ def test_sobol_map_on_a_2x2_grid_equals_a_hand_computation() -> None:
     assert np.abs(torch_cubic[0, 0].numpy() - expected).max() > 1e-3
     with pytest.raises(ValueError, match="unknown resize 'bilinear'"):
         SobolAttribution(resize="bilinear")
+
+
+def test_grid_column_titles_are_wrapped_never_cut() -> None:
+    from PIL import ImageFont
+
+    from harmonia.explain.plot import wrap_title
+
+    font = ImageFont.load_default()
+    for title in ("image", "integrated_gradients", "certified_regions", "x" * 40):
+        lines = wrap_title(title, 60)
+        assert "".join(lines) == title and all(font.getlength(line) <= 60 for line in lines)
+    images = torch.rand(2, 1, 32, 32)
+    short = saliency_grid(images, {"ig": torch.rand(2, 1, 32, 32)})
+    long = saliency_grid(images, {"integrated_gradients": torch.rand(2, 1, 32, 32)})
+    assert long.shape[1] > short.shape[1]  # a second title line makes the header taller

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-HEADER = 14  # pixels of the title row
+LINE = 12  # pixels of one line of the default font
 LABEL_WIDTH = 56  # pixels of the row-label column
 
 
@@ -69,6 +69,30 @@ def _draw_text(canvas: Tensor, texts: Sequence[tuple[int, int, int, str]]) -> Te
     return torch.from_numpy(np.array(picture)).permute(2, 0, 1).float() / 255
 
 
+def wrap_title(text: str, width: int) -> list[str]:
+    """``text`` broken into lines that each fit ``width`` pixels of the default font.
+
+    Breaks after ``_``, ``-`` or spaces where it can (``integrated_gradients`` → ``integrated_`` /
+    ``gradients``), else inside a word, so a column title is shown whole, never cut off.
+    """
+    from PIL import ImageFont
+
+    font = ImageFont.load_default()
+    fits = lambda t: font.getlength(t) <= width  # noqa: E731
+    lines: list[str] = []
+    rest = text
+    while rest:
+        if fits(rest):
+            lines.append(rest)
+            break
+        cut = max(1, max((i + 1 for i, ch in enumerate(rest) if ch in "_- " and fits(rest[: i + 1])), default=0))
+        if cut == 1:  # no break point fits: as many characters as fit
+            cut = max(1, max((i for i in range(1, len(rest) + 1) if fits(rest[:i])), default=1))
+        lines.append(rest[:cut].rstrip())
+        rest = rest[cut:].lstrip()
+    return lines
+
+
 def saliency_grid(
     images: Tensor,
     maps: Mapping[str, Tensor],
@@ -95,17 +119,19 @@ def saliency_grid(
     columns = [images.detach().float().cpu().clamp(0, 1)] + [overlay(images, m) for m in maps.values()]
     columns = [c.expand(-1, 3, -1, -1) if c.shape[1] == 1 else c[:, :3] for c in columns]
     left = LABEL_WIDTH if row_labels is not None else 0
-    height = HEADER + n * (th + padding)
+    titles = [wrap_title(t, tw - 4) for t in ["image", *maps]]
+    header = 2 + LINE * max(len(lines) for lines in titles)
+    height = header + n * (th + padding)
     width = left + len(columns) * (tw + padding)
     canvas = torch.zeros(3, height, width)
     for col, tiles in enumerate(columns):
         tiles = F.interpolate(tiles, scale_factor=scale, mode="nearest") if scale > 1 else tiles
         x0 = left + col * (tw + padding)
         for row in range(n):
-            y0 = HEADER + row * (th + padding)
+            y0 = header + row * (th + padding)
             canvas[:, y0 : y0 + th, x0 : x0 + tw] = tiles[row]
-    titles = ["image", *maps]
-    texts = [(left + c * (tw + padding) + 2, 1, tw - 2, t) for c, t in enumerate(titles)]
+    texts = [(left + c * (tw + padding) + 2, 1 + LINE * k, tw - 2, line)
+             for c, lines in enumerate(titles) for k, line in enumerate(lines)]
     if row_labels is not None:
-        texts += [(2, HEADER + r * (th + padding) + th // 2 - 6, left - 4, str(lbl)) for r, lbl in enumerate(row_labels)]
+        texts += [(2, header + r * (th + padding) + th // 2 - 6, left - 4, str(lbl)) for r, lbl in enumerate(row_labels)]
     return _draw_text(canvas, texts)

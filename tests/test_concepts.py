@@ -195,3 +195,53 @@ class _Scale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.factor
+
+
+class _BiasChannel(nn.Module):
+    """Adds a channel that is 0.5 whatever the input: a network's response to an empty image."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, torch.full_like(x[:, :1], 0.5)], dim=1)
+
+
+class _RedAndBiasHead(nn.Module):
+    """Class 0 reads the red channel and the constant channel; class 1 green."""
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        means = a.mean(dim=(2, 3))
+        return torch.stack([5 * means[:, 0] + 2 * means[:, 3], means[:, 1]], dim=1)
+
+
+def _sparse_colour_blocks(n: int, seed: int = 0) -> torch.Tensor:
+    """:func:`_colour_blocks` with about half of the blocks black (an empty background)."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(n, 1, 4, 4, generator=g) < 0.5
+    return _colour_blocks(n, seed) * keep.repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)
+
+
+def test_baseline_removes_the_empty_crop_concept() -> None:
+    """A constant response to empty input is no concept once the empty image's activations are the zero."""
+    images = _sparse_colour_blocks(12)
+    model = nn.Sequential(nn.AvgPool2d(4), _BiasChannel(), _RedAndBiasHead()).eval()
+    # The artefact, reference semantics: every crop carries the constant channel, so NMF gives it
+    # a concept whose top crops are the black ones; masking it takes the logit to a state no
+    # input produces (the constant channel at 0), so it looks like the most important concept.
+    plain = Craft(model, 1, n_concepts=4, patch_size=8, nb_design=32).fit(images, 0)
+    black = plain.crops.flatten(1).amax(1) == 0
+    assert 0.1 < black.float().mean() < 0.5
+    constant = int(plain.components[:, :3].amax(1).argmin())  # the concept of the constant channel alone
+    assert plain.components[constant, 3] > 0 and plain.components[constant, :3].max() < 0.05
+    assert int(plain.importance.argmax()) == constant
+    assert black[plain.coefficients[:, constant].topk(4).indices].all()
+    # With the baseline the concepts are the three colours, red (what class 0 reads) first,
+    # and empty crops load on no concept.
+    craft = Craft(model, 1, n_concepts=4, patch_size=8, nb_design=32, baseline=0.0)
+    bank = craft.fit(images, 0)
+    assert bank.components[:, 3].abs().max() < 1e-6
+    top = int(bank.importance.argmax())
+    assert int(bank.components[top].argmax()) == 0 and bank.importance[top] > 0.7
+    assert bank.coefficients[black].abs().max() < 1e-6
+    assert craft.transform(bank, torch.zeros(1, 3, 32, 32)).abs().max() < 1e-6
+    # Masking every concept gives the empty image's logit (not the logit of zero activations).
+    blank = craft.blank_activations((3, 32, 32))
+    torch.testing.assert_close(craft.split.logits(blank, None), model(torch.zeros(1, 3, 32, 32)))

@@ -85,7 +85,7 @@ def test_standalone_validate_writes_scalars_and_pictures(kind: str, weights: Pat
 
 def test_fit_cadence_drift_and_checkpoint_state(weights: Path, tmp_path: Path) -> None:
     concepts = ConceptMonitor(layer=5, classes=[1], n_concepts=3, patch_size=16, per_class=5, nb_design=8,
-                              top_crops=2, attribution_images=0, every_n_epochs=1)
+                              top_crops=2, attribution_images=0, every_n_epochs=1, baseline=0.0)
     lipschitz = LipschitzMonitor(epsilons=[0.05], per_class=2, every_n_epochs=1, layers_every_n_epochs=2)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=2, limit_val_batches=1,
                          logger=CSVLogger(tmp_path), callbacks=[concepts, lipschitz], enable_checkpointing=False,

@@ -85,6 +85,10 @@ class ConceptMonitor(ProbeMonitor):
         attribution_images: probe images shown in the attribution picture (0: no picture).
         attribution_concepts: most important concepts shown there.
         batch_size: rows per forward.
+        baseline: pixel value of an empty image (``0.0`` for black backgrounds), whose
+            activations become the zero of the concept space (:class:`harmonia.concepts.Craft`);
+            ``None``: the reference CRAFT, where a network's constant response to empty input
+            becomes a concept of black crops with an inflated importance.
         maco: MACO pictures in the mosaic (``None``: off). A dict of MACO settings: ``preset``
             (default ``"small"``), overrides of it (``steps``, ``crops``, ``box``, ...; the
             monitors' defaults are ``steps=64, crops=8``) and ``background`` (grey level behind
@@ -111,6 +115,7 @@ class ConceptMonitor(ProbeMonitor):
         attribution_images: int = 4,
         attribution_concepts: int = 3,
         batch_size: int = 256,
+        baseline: float | None = None,
         maco: dict[str, Any] | None = None,
         maco_every_n_epochs: int | None = None,
         every_n_epochs: int = 5,
@@ -129,7 +134,8 @@ class ConceptMonitor(ProbeMonitor):
         super().__init__(every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, at_fit_end=at_fit_end,
                          per_class=per_class, classes=classes, seed=seed, stage=stage, model_attr=model_attr)
         self.layer = layer
-        self.craft_args = {"n_concepts": n_concepts, "patch_size": patch_size, "nb_design": nb_design, "batch_size": batch_size}
+        self.craft_args = {"n_concepts": n_concepts, "patch_size": patch_size, "nb_design": nb_design,
+                           "batch_size": batch_size, "baseline": baseline}
         self.top_crops = top_crops
         self.attribution_images = attribution_images
         self.attribution_concepts = attribution_concepts

@@ -20,6 +20,10 @@ Follow one class through :meth:`Craft.fit`:
    (``harmonia.explain.sensitivity``; one mask value per concept, broadcast over positions),
    ``h((u·M) W)`` gives the class logit, and Jansen's estimator gives total Sobol indices per
    concept; the class importance is their mean over images;
+   Deviation, optional (``baseline``): the activations of an empty image are the zero of the
+   concept space. Without it, a network's non-zero response to empty input (biases) is shared
+   by every crop; NMF gives it a concept whose top crops are the empty ones, and masking that
+   concept drives activations to zero, which no input produces, so it can rank first;
 5. :meth:`ConceptBank.top_crops` and :meth:`Craft.attribution_maps` show the concepts.
 
 Semantics follow deel-ai/xplique's ``CraftTorch``; differences: everything stays on the
@@ -98,6 +102,14 @@ class Craft:
         alpha_W, max_iter, tol, seed: NMF settings (:func:`harmonia.concepts.nmf.nmf`).
         normalize: divide activations by their mean before the NMF (module doc); ``False``
             reproduces the reference's scale-dependent regularization.
+        baseline: pixel value of an empty image (``0.0`` for black-background data), or
+            ``None`` for the reference behaviour. When set, ``g`` of the empty image is the
+            zero of the concept space: it is subtracted from every activation before the NMF
+            (clamped at 0) and added back under the masked coefficients in
+            :meth:`importance`. A network with biases answers an empty input with non-zero
+            activations, shared by every crop; without the baseline, NMF spends a concept on
+            that response, and masking it drives the activations to zero, a state that no
+            input produces, so that "concept" gets a large importance (module doc).
     """
 
     def __init__(
@@ -113,6 +125,7 @@ class Craft:
         tol: float = 1e-4,
         seed: int = 0,
         normalize: bool = True,
+        baseline: float | None = None,
     ) -> None:
         if n_concepts < 1 or patch_size < 1 or batch_size < 1:
             raise ValueError("n_concepts, patch_size and batch_size must be positive")
@@ -125,6 +138,7 @@ class Craft:
         self.nmf_args = {"alpha_W": alpha_W, "max_iter": max_iter, "tol": tol}
         self.seed = seed
         self.normalize = normalize
+        self.baseline = baseline
 
     @property
     def device(self) -> torch.device:
@@ -164,15 +178,31 @@ class Craft:
             )
         return acts
 
+    def blank_activations(self, shape: tuple[int, ...]) -> Tensor | None:
+        """``g`` of an empty image of ``shape`` ``(C, H, W)``: ``(1, channels, *spatial)``; ``None`` without baseline."""
+        if self.baseline is None:
+            return None
+        blank = torch.full((1, *shape), float(self.baseline), device=self.device)
+        return self._activations(blank)
+
     def crop_activations(self, crops: Tensor, size: tuple[int, int]) -> Tensor:
-        """Spatially averaged activations ``(n_crops, channels)`` of crops resized to ``size``."""
+        """Spatially averaged activations ``(n_crops, channels)`` of crops resized to ``size``.
+
+        With a ``baseline``, minus those of an empty crop (clamped at 0): an empty crop gets
+        a zero row, which the NMF explains with no concept.
+        """
         out = []
         for start in range(0, len(crops), self.batch_size):
             batch = crops[start : start + self.batch_size].to(self.device)
             batch = F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
             acts = self._activations(batch)
             out.append(acts.flatten(2).mean(-1) if acts.ndim > 2 else acts)
-        return torch.cat(out)
+        acts = torch.cat(out)
+        blank = self.blank_activations((crops.shape[1], *size))
+        if blank is not None:
+            # An empty crop resized is the empty image, so its averaged activations are these.
+            acts = (acts - (blank.flatten(2).mean(-1) if blank.ndim > 2 else blank)).clamp_min(0)
+        return acts
 
     def factorize(self, activations: Tensor, crops: Tensor, crop_source: Tensor, class_id: int) -> ConceptBank:
         """NMF of crop activations into a :class:`ConceptBank` (importance not yet computed)."""
@@ -200,6 +230,9 @@ class Craft:
     def transform(self, bank: ConceptBank, images: Tensor) -> Tensor:
         """Concept coefficients of whole images: ``(N, *spatial, k)`` (``(N, k)`` without spatial dims)."""
         acts = self._activations(images)
+        blank = self.blank_activations(tuple(images.shape[1:]))
+        if blank is not None:
+            acts = (acts - blank).clamp_min(0)  # position by position: padding makes the empty response uneven
         channels_last = acts.movedim(1, -1)
         rows = channels_last.reshape(-1, acts.shape[1]) / bank.scale
         u = nmf_transform(rows, bank.components / bank.scale, **self.nmf_args)
@@ -210,7 +243,8 @@ class Craft:
 
         Masks: a Halton design over the ``k`` concepts (``nb_design · (k + 2)`` rows,
         :func:`harmonia.explain.sensitivity.qmc_design`); scores: the logit of
-        ``bank.class_id`` from ``h((u ⊙ m) W)``; estimator: Jansen's total order.
+        ``bank.class_id`` from ``h((u ⊙ m) W)`` (``h(g(blank) + (u ⊙ m) W)`` with a ``baseline``);
+        estimator: Jansen's total order.
         """
         k = bank.n_concepts
         masks = qmc_design(self.nb_design, k, "halton").to(self.device)
@@ -218,6 +252,7 @@ class Craft:
         u = self.transform(bank, images)  # (N, *S, k)
         spatial = u.shape[1:-1]
         w = bank.components.to(self.device, u.dtype)
+        blank = self.blank_activations(tuple(images.shape[1:]))
         per_chunk = max(1, self.batch_size // rows)
         out = []
         with torch.no_grad():
@@ -226,6 +261,8 @@ class Craft:
                 c = len(chunk)
                 masked = chunk[:, None] * masks.view(1, rows, *[1] * len(spatial), k).to(u.dtype)
                 acts = (masked @ w).movedim(-1, 2).reshape(c * rows, w.shape[1], *spatial)
+                if blank is not None:
+                    acts = acts + blank.to(acts.dtype)  # a masked concept reads as empty image there
                 inputs = None
                 if self.split.needs_input:
                     x = images[start : start + c].to(self.device)

@@ -146,7 +146,9 @@ class AlignedClassifier(pl.LightningModule):
     # ----- the steps --------------------------------------------------------------------
     def _step(self, batch: Sample, stage: str) -> Tensor:
         training = stage == "train"
-        progress = self.progress() if training else 0.0
+        # Only a non-constant schedule reads the progress (the trainer's step estimate, per step).
+        scheduled = training and any(not isinstance(p.schedule, Constant) for p in self.penalties)
+        progress = self.progress() if scheduled else 0.0
         weights = [p.weight_at(progress) for p in self.penalties]
         # Training pays only for terms it trains; evaluation measures every term.
         active = [i for i, w in enumerate(weights) if w > 0 or not training]

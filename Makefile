@@ -9,7 +9,7 @@ CONFIG ?= configs/digits.yaml
 
 export WANDB_SILENT ?= true
 
-.PHONY: train test test-slow bench install install-dev install-bench clean
+.PHONY: train test test-slow bench browser install install-dev install-bench clean
 
 $(VENV)/.torch:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,19 @@ bench: $(VENV)/.installed-bench
 	$(PY) benchmarks/finetune_memory.py --out benchmarks/results/finetune_memory.json
 	$(PY) benchmarks/data_throughput.py --out benchmarks/results/data_throughput.json
 	$(PY) benchmarks/maco_cost.py --model digits --out benchmarks/results/maco_cost.json
+
+## Headless Chromium for the atlas's browser tests (Debian packages; needs root or sudo).
+## Without it those tests skip and say why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+	  echo "chromium and chromedriver are installed"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -q chromium chromium-driver || { apt-get update -q && apt-get install -y -q chromium chromium-driver; }; \
+	elif command -v sudo >/dev/null; then \
+	  sudo apt-get install -y -q chromium chromium-driver || { sudo apt-get update -q && sudo apt-get install -y -q chromium chromium-driver; }; \
+	else \
+	  echo "make browser: cannot install chromium (not root, no sudo); the browser tests will skip"; \
+	fi
 
 clean:
 	rm -rf runs wandb lightning_logs .pytest_cache

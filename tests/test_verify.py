@@ -87,6 +87,7 @@ def _family(name: str) -> tuple[nn.Module, tuple[int, ...]]:
 FAMILIES = ["mlp_relu", "mlp_groupsort", "mlp_maxmin", "conv_relu_maxpool", "conv_padding_modes", "lipschitz_layers",
             "deel_layers", "resnet_blocks"]
 SETTINGS = [("ibp", "ibp"), ("crown", "ibp"), ("crown", "crown")]
+SOUNDNESS_SETTINGS = SETTINGS + [("alpha-crown", "crown")]
 
 
 def _net(name: str, seed: int) -> tuple[nn.Module, tuple[int, ...]]:
@@ -95,7 +96,7 @@ def _net(name: str, seed: int) -> tuple[nn.Module, tuple[int, ...]]:
     return model.to(D).eval(), shape
 
 
-def _soundness_cases(name: str, seeds: range, epsilons: tuple[float, ...]) -> int:
+def _soundness_cases(name: str, seeds: range, epsilons: tuple[float, ...], settings: list[tuple[str, str]] = SETTINGS) -> int:
     """Bound ≥ attack for every (image, class, ε, setting); returns how many comparisons were made."""
     compared = 0
     for seed in seeds:
@@ -111,8 +112,9 @@ def _soundness_cases(name: str, seeds: range, epsilons: tuple[float, ...]) -> in
             logits = model(corners.flatten(0, 1)).view(3, 16, -1)
             sampled = (logits - logits.gather(2, target.view(3, 1, 1).expand(3, 16, 1))).amax(1)
             reached = torch.maximum(attack, sampled)
-            for method, intermediate in SETTINGS:
-                bound = margin_bounds(net, x, target, eps, method=method, intermediate=intermediate, crown_max_neurons=None)
+            for method, intermediate in settings:
+                bound = margin_bounds(net, x, target, eps, method=method, intermediate=intermediate, crown_max_neurons=None,
+                                      alpha_steps=5)
                 assert bool((bound >= reached - 1e-9).all()), (name, seed, eps, method, intermediate, (reached - bound).max())
                 compared += reached[:, :].numel()
     return compared
@@ -120,14 +122,15 @@ def _soundness_cases(name: str, seeds: range, epsilons: tuple[float, ...]) -> in
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_bounds_never_below_what_an_attack_reaches(name: str) -> None:
-    # 8 families × 2 nets × 3 images × K classes × 3 ε × 3 settings: several hundred comparisons.
+    # 8 families × 2 nets × 3 images × K classes × 3 ε × 3 settings: several hundred comparisons
+    # (α-CROWN: test_alpha_crown_is_sound_for_any_parameters_and_never_looser, and the slow sweep).
     assert _soundness_cases(name, range(2), (0.01, 0.05, 0.3)) > 100
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_bounds_never_below_an_attack_many_nets(name: str) -> None:
-    assert _soundness_cases(name, range(2, 22), (0.003, 0.02, 0.1, 0.5)) > 2000
+    assert _soundness_cases(name, range(2, 22), (0.003, 0.02, 0.1, 0.5), SOUNDNESS_SETTINGS) > 2000
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -196,6 +199,50 @@ def test_bounds_grow_with_epsilon(name: str) -> None:
             previous = bound
 
 
+@pytest.mark.parametrize("name", ["mlp_relu", "mlp_groupsort", "conv_relu_maxpool", "lipschitz_layers", "deel_layers"])
+def test_alpha_crown_is_sound_for_any_parameters_and_never_looser(name: str) -> None:
+    model, shape = _net(name, 7)
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(3, *shape, generator=g, dtype=D)
+    target = model(x).argmax(1)
+    net = BoundedNetwork(model, shape, dtype=D)
+    eps = 0.1
+    radius = torch.full_like(x, eps)
+    state = net.bound(x - radius, x + radius, "crown", None)
+    crown = net.margins(state, target, "crown").upper(radius)
+    alpha = net.margins(state, target, "alpha-crown", alpha_steps=10).upper(radius)
+    assert bool((alpha <= crown + 1e-12).all())  # CROWN is the first iterate; each row keeps its best
+    reached = pgd_margins(model, x, target, eps, steps=20, restarts=3, seed=7)
+    assert bool((alpha >= reached - 1e-9).all()), (reached - alpha).max()
+    # Every value of the free parameters (projected) is a sound relaxation, not only the optimized ones.
+    classes = crown.shape[1]
+    eye = torch.eye(classes, dtype=D)
+    spec = eye.unsqueeze(0) - eye[target].unsqueeze(1)
+    for trial in range(3):
+        alphas = {}
+        for j, pre in state.pre.items():
+            init = net.graph.nodes[j].op.init_alpha(pre, classes)
+            if init is not None:
+                alphas[j] = [torch.rand(t.shape, generator=g, dtype=D) * 4 - 2 for t in init]
+                net.graph.nodes[j].op.project_alpha(alphas[j])
+        coef, const = net.backward(state, net.graph.output, spec, alphas=alphas)
+        bound = ((coef.flatten(2) @ x.flatten(1).unsqueeze(2)).squeeze(2) + const
+                 + (coef.abs().flatten(2) @ radius.flatten(1).unsqueeze(2)).squeeze(2))
+        assert bool((bound >= reached - 1e-9).all()), (trial, (reached - bound).max())
+
+
+def test_alpha_crown_tightens_groupsort_and_l2_pooling() -> None:
+    tighter = 0.0
+    for name in ("mlp_groupsort", "lipschitz_layers"):
+        model, shape = _net(name, 1)
+        x = torch.rand(4, *shape, dtype=D)
+        target = model(x).argmax(1)
+        crown = margin_bounds(model, x, target, 0.1, crown_max_neurons=None)
+        alpha = margin_bounds(model, x, target, 0.1, method="alpha-crown", crown_max_neurons=None)
+        tighter = max(tighter, float((crown - alpha).max()))
+    assert tighter > 1e-3
+
+
 def _left_half_model() -> nn.Module:
     """A conv net whose logits read only columns 0..4 of an 8×8 image (3×3 conv on feature columns ≤ 3)."""
     torch.manual_seed(2)
@@ -224,12 +271,16 @@ def test_eva_importance_is_the_drop_of_the_verified_overlap() -> None:
     target = model(x).argmax(1)
     eva = EVA(epsilon=0.05, grid_size=4, shared_relaxation=False, importance="tightest", dtype="float64", crown_max_neurons=None)
     full, regions = eva.overlaps(model, x, target)
+    # α-CROWN's relaxations, optimized on B and shared by every B∖u: sound on each of them too.
+    _, alpha_regions = EVA(epsilon=0.05, grid_size=4, method="alpha-crown", dtype="float64", crown_max_neurons=None,
+                           alpha_steps=5).overlaps(model, x, target)
     masks = cell_masks(4, 8, 8).to(D)
     for u in (0, 5, 15):
         direct = overlap(margin_bounds(model, x, target, 0.05, mask=1 - masks[u], crown_max_neurons=None), target)
         assert bool((regions[:, u] <= direct + 1e-12).all())  # never looser than bounding B∖u directly
         reached = overlap(pgd_margins(model, x, target, 0.05, mask=(1 - masks[u]).expand(2, -1, -1, -1)), target)
         assert bool((regions[:, u] >= reached - 1e-9).all())  # and still sound
+        assert bool((alpha_regions[:, u] >= reached - 1e-9).all())
     torch.testing.assert_close(eva.region_importance(model, x, target).flatten(1), (full[:, None] - regions).clamp_min(0))
 
 
@@ -298,6 +349,14 @@ def test_eva_follows_the_explainer_contract() -> None:
         EVA(epsilon=0)
     with pytest.raises(ValueError, match="importance='crown' needs method='crown'"):
         EVA(method="ibp", importance="crown")
+    with pytest.raises(ValueError, match="method must be one of"):
+        EVA(method="beta-crown")
+    # α-CROWN through the explainer: same contract, maps from its (tighter, still sound) bounds.
+    alpha_maps = build_explainer("eva", epsilon=0.05, grid_size=4, method="alpha-crown", alpha_steps=3).attribute(model, x, target)
+    assert alpha_maps.shape == maps.shape and bool((alpha_maps >= 0).all())
+    with torch.inference_mode():
+        torch.testing.assert_close(EVA(epsilon=0.05, grid_size=4, method="alpha-crown", alpha_steps=3).attribute(model, x, target),
+                                   alpha_maps)
     with pytest.raises(ValueError, match="grid_size 9"):
         EVA(grid_size=9).attribute(model.eval(), x, target)
 

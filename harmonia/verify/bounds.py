@@ -13,6 +13,10 @@ every point of its box (up to floating-point rounding of the arithmetic itself).
   tight, costly; ``crown_max_neurons`` picks the layers that get it), and, where the graph's
   Lipschitz constant to that layer is known, from ``|z(x+δ) − z(x)| ≤ L‖δ‖₂``; the tightest
   of the available bounds is kept for every neuron.
+- **α-CROWN** (Xu et al., ICLR 2021; ``method="alpha-crown"``) optimizes the free choices of
+  the final pass's relaxations (lower slopes of unstable neurons, L2-pooling tangent points)
+  by projected gradient steps on the bound, per box and function; see
+  :meth:`BoundedNetwork.optimized_backward`.
 - A 1-Lipschitz model's certificate (its ``certificate`` attribute, see
   ``harmonia.metrics.model_certificate``) caps every logit-difference bound: ``f_k − f_c``
   moves at most ``c·‖δ‖₂`` (``c = 2`` for a per-logit certificate, ``√2`` for a vector one),

@@ -6,8 +6,10 @@ On the model of ``configs/digits.yaml`` (trained here for ``--epochs`` epochs, o
 - **Tightness** at ε ∈ {0.01, 0.03, 0.1} (L∞, images in [0, 1]): how far the verified
   adversarial overlap rises above its clean value, divided by how far a PGD attack raises it,
   ``Σ (AO_bound − AO_clean) / Σ (AO_pgd − AO_clean)`` over the images (≥ 1 when sound; 1 = exact).
-  Shown for EVA's bound (CROWN + interval + Lipschitz caps, the minimum), and for CROWN alone,
-  interval bounds alone and the certificate alone (``margin + c·‖ε‖₂``).
+  Shown for EVA's bound (CROWN + interval + Lipschitz caps, the minimum), the same with
+  α-CROWN, and for CROWN alone, α-CROWN alone, interval bounds alone and the certificate alone
+  (``margin + c·‖ε‖₂``). ``--crown-max-neurons 0`` would give every hidden layer interval
+  bounds; a large value (or ``-1``: all) CROWN bounds on every layer (tighter, slower).
 - **Soundness**: ``pgd_violations`` counts (image, class, ε) where the attack exceeds the bound
   by more than ``1e-5·(1 + |value|)`` (float32 rounding); it must be 0.
 - **Rank agreement** at ε = 0.03: Spearman correlation, per image, of EVA's region importance
@@ -81,24 +83,33 @@ def clean_overlap(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor)
 
 
 def tightness(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, eva: EVA, pgd_steps: int,
-              restarts: int) -> tuple[dict, int]:
-    """Bound ÷ attack gain per ε and bound kind; and the number of soundness violations."""
+              restarts: int, epsilons: tuple[float, ...] = EPSILONS) -> tuple[dict, int]:
+    """Bound ÷ attack gain per ε and bound kind; and the number of soundness violations.
+
+    Kinds: ``eva`` (the tightest bound with CROWN: what EVA's overlaps use), ``eva_alpha``
+    (the same with α-CROWN), ``crown`` and ``alpha_crown`` alone, ``interval`` alone,
+    ``certificate`` alone.
+    """
     net = eva.network(model, x)
     base = clean_overlap(model, x, target)
     out, violations = {}, 0
-    for eps in EPSILONS:
+    for eps in epsilons:
         radius = box_radius(x, eps)
         state = net.bound(x - radius, x + radius, eva.intermediate, eva.crown_max_neurons)
-        margins = net.margins(state, target, "crown")
-        bound = margins.upper(radius)
-        linear = margins.linear_at_center() + (margins.coef.abs().flatten(2) * radius.flatten(1)[:, None]).sum(2)
-        cap = margins.margin + margins.lipschitz * radius.flatten(1).norm(dim=1, keepdim=True)
         attack = pgd_margins(model, x, target, eps, steps=pgd_steps, restarts=restarts)
-        violations += int((attack > bound + 1e-5 * (1 + bound.abs())).sum())
         gain = float((overlap(attack, target) - base).sum())
         row = {"pgd_gain": gain / len(x)}
-        for kind, value in (("eva", bound), ("crown", linear), ("interval", margins.interval), ("certificate", cap)):
-            row[kind] = float((overlap(value, target) - base).sum()) / gain if gain > 0 else math.inf
+        for method, suffix in (("crown", ""), ("alpha-crown", "_alpha")):
+            margins = net.margins(state, target, method, eva.alpha_steps, eva.alpha_lr)
+            bound = margins.upper(radius)
+            linear = margins.linear_at_center() + (margins.coef.abs().flatten(2) * radius.flatten(1)[:, None]).sum(2)
+            violations += int((attack > bound + 1e-5 * (1 + bound.abs())).sum())
+            kinds = [(f"eva{suffix}", bound), ("crown" if not suffix else "alpha_crown", linear)]
+            if not suffix:
+                cap = margins.margin + margins.lipschitz * radius.flatten(1).norm(dim=1, keepdim=True)
+                kinds += [("interval", margins.interval), ("certificate", cap)]
+            for kind, value in kinds:
+                row[kind] = float((overlap(value, target) - base).sum()) / gain if gain > 0 else math.inf
         out[f"eps{eps}"] = row
     return out, violations
 
@@ -178,7 +189,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="training epochs when no --ckpt is given")
     parser.add_argument("--images", type=int, default=16, help="test images in the probe")
     parser.add_argument("--grid", type=int, default=8)
-    parser.add_argument("--crown-max-neurons", type=int, default=2048)
+    parser.add_argument("--crown-max-neurons", type=int, default=2048, help="-1: CROWN bounds for every hidden layer")
     parser.add_argument("--pgd-steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -196,7 +207,8 @@ def main() -> None:
     with torch.no_grad():
         target = model(x).argmax(1)
     accuracy = float((target.cpu() == test.labels[: args.images]).float().mean())
-    eva = EVA(epsilon=0.03, grid_size=args.grid, crown_max_neurons=args.crown_max_neurons)
+    max_neurons = None if args.crown_max_neurons < 0 else args.crown_max_neurons
+    eva = EVA(epsilon=0.03, grid_size=args.grid, crown_max_neurons=max_neurons)
     bounds, violations = tightness(model, x, target, eva, args.pgd_steps, restarts=3)
     ranks = rank_agreement(model, x, target, eva, max(10, args.pgd_steps // 2))
     timing = cost(model, x, target, eva, SobolAttribution(grid_size=args.grid), args.rounds)

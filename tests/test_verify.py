@@ -87,6 +87,8 @@ def _family(name: str) -> tuple[nn.Module, tuple[int, ...]]:
 FAMILIES = ["mlp_relu", "mlp_groupsort", "mlp_maxmin", "conv_relu_maxpool", "conv_padding_modes", "lipschitz_layers",
             "deel_layers", "resnet_blocks"]
 SETTINGS = [("ibp", "ibp"), ("crown", "ibp"), ("crown", "crown")]
+SOUNDNESS_SETTINGS = SETTINGS + [("alpha-crown", "crown")]
+DECOY_EPOCHS = 20  # the harmonized model needs them to drop the decoy; the baseline gets the same
 
 
 def _net(name: str, seed: int) -> tuple[nn.Module, tuple[int, ...]]:
@@ -95,7 +97,7 @@ def _net(name: str, seed: int) -> tuple[nn.Module, tuple[int, ...]]:
     return model.to(D).eval(), shape
 
 
-def _soundness_cases(name: str, seeds: range, epsilons: tuple[float, ...]) -> int:
+def _soundness_cases(name: str, seeds: range, epsilons: tuple[float, ...], settings: list[tuple[str, str]] = SETTINGS) -> int:
     """Bound ≥ attack for every (image, class, ε, setting); returns how many comparisons were made."""
     compared = 0
     for seed in seeds:
@@ -111,8 +113,9 @@ def _soundness_cases(name: str, seeds: range, epsilons: tuple[float, ...]) -> in
             logits = model(corners.flatten(0, 1)).view(3, 16, -1)
             sampled = (logits - logits.gather(2, target.view(3, 1, 1).expand(3, 16, 1))).amax(1)
             reached = torch.maximum(attack, sampled)
-            for method, intermediate in SETTINGS:
-                bound = margin_bounds(net, x, target, eps, method=method, intermediate=intermediate, crown_max_neurons=None)
+            for method, intermediate in settings:
+                bound = margin_bounds(net, x, target, eps, method=method, intermediate=intermediate, crown_max_neurons=None,
+                                      alpha_steps=5)
                 assert bool((bound >= reached - 1e-9).all()), (name, seed, eps, method, intermediate, (reached - bound).max())
                 compared += reached[:, :].numel()
     return compared
@@ -120,14 +123,15 @@ def _soundness_cases(name: str, seeds: range, epsilons: tuple[float, ...]) -> in
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_bounds_never_below_what_an_attack_reaches(name: str) -> None:
-    # 8 families × 2 nets × 3 images × K classes × 3 ε × 3 settings: several hundred comparisons.
+    # 8 families × 2 nets × 3 images × K classes × 3 ε × 3 settings: several hundred comparisons
+    # (α-CROWN: test_alpha_crown_is_sound_for_any_parameters_and_never_looser, and the slow sweep).
     assert _soundness_cases(name, range(2), (0.01, 0.05, 0.3)) > 100
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_bounds_never_below_an_attack_many_nets(name: str) -> None:
-    assert _soundness_cases(name, range(2, 22), (0.003, 0.02, 0.1, 0.5)) > 2000
+    assert _soundness_cases(name, range(2, 22), (0.003, 0.02, 0.1, 0.5), SOUNDNESS_SETTINGS) > 2000
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -196,6 +200,50 @@ def test_bounds_grow_with_epsilon(name: str) -> None:
             previous = bound
 
 
+@pytest.mark.parametrize("name", ["mlp_relu", "mlp_groupsort", "conv_relu_maxpool", "lipschitz_layers", "deel_layers"])
+def test_alpha_crown_is_sound_for_any_parameters_and_never_looser(name: str) -> None:
+    model, shape = _net(name, 7)
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(3, *shape, generator=g, dtype=D)
+    target = model(x).argmax(1)
+    net = BoundedNetwork(model, shape, dtype=D)
+    eps = 0.1
+    radius = torch.full_like(x, eps)
+    state = net.bound(x - radius, x + radius, "crown", None)
+    crown = net.margins(state, target, "crown").upper(radius)
+    alpha = net.margins(state, target, "alpha-crown", alpha_steps=10).upper(radius)
+    assert bool((alpha <= crown + 1e-12).all())  # CROWN is the first iterate; each row keeps its best
+    reached = pgd_margins(model, x, target, eps, steps=20, restarts=3, seed=7)
+    assert bool((alpha >= reached - 1e-9).all()), (reached - alpha).max()
+    # Every value of the free parameters (projected) is a sound relaxation, not only the optimized ones.
+    classes = crown.shape[1]
+    eye = torch.eye(classes, dtype=D)
+    spec = eye.unsqueeze(0) - eye[target].unsqueeze(1)
+    for trial in range(3):
+        alphas = {}
+        for j, pre in state.pre.items():
+            init = net.graph.nodes[j].op.init_alpha(pre, classes)
+            if init is not None:
+                alphas[j] = [torch.rand(t.shape, generator=g, dtype=D) * 4 - 2 for t in init]
+                net.graph.nodes[j].op.project_alpha(alphas[j])
+        coef, const = net.backward(state, net.graph.output, spec, alphas=alphas)
+        bound = ((coef.flatten(2) @ x.flatten(1).unsqueeze(2)).squeeze(2) + const
+                 + (coef.abs().flatten(2) @ radius.flatten(1).unsqueeze(2)).squeeze(2))
+        assert bool((bound >= reached - 1e-9).all()), (trial, (reached - bound).max())
+
+
+def test_alpha_crown_tightens_groupsort_and_l2_pooling() -> None:
+    tighter = 0.0
+    for name in ("mlp_groupsort", "lipschitz_layers"):
+        model, shape = _net(name, 1)
+        x = torch.rand(4, *shape, dtype=D)
+        target = model(x).argmax(1)
+        crown = margin_bounds(model, x, target, 0.1, crown_max_neurons=None)
+        alpha = margin_bounds(model, x, target, 0.1, method="alpha-crown", crown_max_neurons=None)
+        tighter = max(tighter, float((crown - alpha).max()))
+    assert tighter > 1e-3
+
+
 def _left_half_model() -> nn.Module:
     """A conv net whose logits read only columns 0..4 of an 8×8 image (3×3 conv on feature columns ≤ 3)."""
     torch.manual_seed(2)
@@ -224,12 +272,16 @@ def test_eva_importance_is_the_drop_of_the_verified_overlap() -> None:
     target = model(x).argmax(1)
     eva = EVA(epsilon=0.05, grid_size=4, shared_relaxation=False, importance="tightest", dtype="float64", crown_max_neurons=None)
     full, regions = eva.overlaps(model, x, target)
+    # α-CROWN's relaxations, optimized on B and shared by every B∖u: sound on each of them too.
+    _, alpha_regions = EVA(epsilon=0.05, grid_size=4, method="alpha-crown", dtype="float64", crown_max_neurons=None,
+                           alpha_steps=5).overlaps(model, x, target)
     masks = cell_masks(4, 8, 8).to(D)
     for u in (0, 5, 15):
         direct = overlap(margin_bounds(model, x, target, 0.05, mask=1 - masks[u], crown_max_neurons=None), target)
         assert bool((regions[:, u] <= direct + 1e-12).all())  # never looser than bounding B∖u directly
         reached = overlap(pgd_margins(model, x, target, 0.05, mask=(1 - masks[u]).expand(2, -1, -1, -1)), target)
         assert bool((regions[:, u] >= reached - 1e-9).all())  # and still sound
+        assert bool((alpha_regions[:, u] >= reached - 1e-9).all())
     torch.testing.assert_close(eva.region_importance(model, x, target).flatten(1), (full[:, None] - regions).clamp_min(0))
 
 
@@ -298,6 +350,14 @@ def test_eva_follows_the_explainer_contract() -> None:
         EVA(epsilon=0)
     with pytest.raises(ValueError, match="importance='crown' needs method='crown'"):
         EVA(method="ibp", importance="crown")
+    with pytest.raises(ValueError, match="method must be one of"):
+        EVA(method="beta-crown")
+    # α-CROWN through the explainer: same contract, maps from its (tighter, still sound) bounds.
+    alpha_maps = build_explainer("eva", epsilon=0.05, grid_size=4, method="alpha-crown", alpha_steps=3).attribute(model, x, target)
+    assert alpha_maps.shape == maps.shape and bool((alpha_maps >= 0).all())
+    with torch.inference_mode():
+        torch.testing.assert_close(EVA(epsilon=0.05, grid_size=4, method="alpha-crown", alpha_steps=3).attribute(model, x, target),
+                                   alpha_maps)
     with pytest.raises(ValueError, match="grid_size 9"):
         EVA(grid_size=9).attribute(model.eval(), x, target)
 
@@ -349,26 +409,66 @@ def test_certified_regions_match_the_linear_closed_form() -> None:
     assert maps.shape == (2, 1, 4, 4) and bool((maps == 0).all())
 
 
-@pytest.mark.slow
-def test_eva_finds_the_decoy_of_a_shortcut_model() -> None:
-    """A CNN trained on decoyed digits reads the decoy; EVA ranks its square among the top regions."""
+def _decoy_cnn(harmonized: bool, epochs: int = DECOY_EPOCHS) -> nn.Module:
+    """The small CNN trained on decoyed digits (the decoy's shade tells the label in training).
+
+    One loop for both models: cross-entropy, plus, for the harmonized one, the penalties of
+    configs/digits_cnn_harmonized_rrr.yaml (harmonization on pyramid levels 2-4 of
+    |∇ log p| and right-for-the-right-reasons), their input gradients from
+    ``AlignedClassifier.forward_with_gradients`` as in training.
+    """
     from harmonia.data.digits import DecoyDigits
+    from harmonia.explain import Saliency
+    from harmonia.losses import Harmonization, RightReasons
+    from harmonia.module import AlignedClassifier
 
     torch.manual_seed(0)
     train = DecoyDigits("train", seed=0)
-    model = build_model("cnn", in_channels=1, input_size=32, widths=[8, 16], depth=1, hidden=32)
+    penalties = [Harmonization(1.0, Saliency(score="log_prob", reduction="mean_abs"), first_level=2),
+                 RightReasons(0.01)] if harmonized else []
+    module = AlignedClassifier(arch="cnn", arch_args=dict(in_channels=1, input_size=32, widths=[8, 16], depth=1, hidden=32),
+                               penalties=penalties)
+    model = module.model
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(8):
+    for _ in range(epochs):
         for batch in torch.randperm(len(train.labels)).split(64):
-            loss = nn.functional.cross_entropy(model(train.images[batch]), train.labels[batch])
+            images, labels = train.images[batch], train.labels[batch]
+            logits, gradients, mapped = module.forward_with_gradients(images, labels, train.has_map[batch], penalties, True)
+            loss = nn.functional.cross_entropy(logits, labels)
+            for penalty in penalties:
+                loss = loss + penalty.weight * penalty(gradients[penalty.gradient_key], train.maps[batch][mapped], len(labels))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    model.eval()
+    return model.eval()
+
+
+def _decoy_rank(model: nn.Module, images: int = 32) -> tuple[torch.Tensor, float]:
+    """Rank of the decoy square's cell in EVA's 8×8 map per test digit (0 = top), and the decoy-free test accuracy."""
+    from harmonia.data.digits import DecoyDigits
+
     test = DecoyDigits("test", seed=0)
-    x, corners = test.images[:16], test.corners[:16]
+    with torch.no_grad():
+        clean = DecoyDigits("test", seed=0, decoy="none")
+        accuracy = float((model(clean.images).argmax(1) == clean.labels).float().mean())
+    x, corners = test.images[:images], test.corners[:images]
     target = model(x).argmax(1)
     cells = EVA(epsilon=0.01, grid_size=8, crown_max_neurons=None).region_importance(model, x, target).flatten(1)
-    corner_cell = torch.tensor([0, 7, 56, 63])[corners]
-    rank = (cells > cells.gather(1, corner_cell[:, None])).sum(1)  # 0 = the most important cell
+    corner_cell = torch.tensor([0, 7, 56, 63])[corners]  # the 4×4-pixel decoy fills one corner cell
+    return (cells > cells.gather(1, corner_cell[:, None])).sum(1), accuracy
+
+
+@pytest.mark.slow
+def test_eva_finds_the_decoy_of_a_shortcut_model() -> None:
+    """A CNN trained on decoyed digits reads the decoy; EVA ranks its square among the top regions."""
+    rank, _ = _decoy_rank(_decoy_cnn(harmonized=False))
     assert float((rank < 5).float().mean()) >= 0.5, rank.tolist()
+
+
+@pytest.mark.slow
+def test_eva_does_not_find_the_decoy_of_a_harmonized_model() -> None:
+    """Trained the same way with the harmonization penalties, the CNN reads the digit: the decoy
+    square is rarely among EVA's top regions (5 of 64 cells: 8% by chance)."""
+    rank, accuracy = _decoy_rank(_decoy_cnn(harmonized=True))
+    assert accuracy >= 0.7, accuracy  # a model that learned the digits, not one that reads nothing
+    assert float((rank < 5).float().mean()) <= 0.15, rank.tolist()

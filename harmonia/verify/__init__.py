@@ -4,6 +4,7 @@
     eva = EVA(epsilon=0.03, grid_size=8)          # also build_explainer("eva", ...)
     maps = eva.attribute(model.eval(), x, target)   # (N, 1, H, W), verified region importance
     bounds = margin_bounds(model, x, target, 0.03)  # (N, K) upper bounds of f_k − f_c
+    tighter = margin_bounds(model, x, target, 0.03, method="alpha-crown")  # optimized relaxations
     reached = pgd_margins(model, x, target, 0.03)   # (N, K) what an attack reaches (≤ bounds)
 
 Plain PyTorch (no Lightning); runs on the inputs' device.

@@ -13,6 +13,10 @@ every point of its box (up to floating-point rounding of the arithmetic itself).
   tight, costly; ``crown_max_neurons`` picks the layers that get it), and, where the graph's
   Lipschitz constant to that layer is known, from ``|z(x+δ) − z(x)| ≤ L‖δ‖₂``; the tightest
   of the available bounds is kept for every neuron.
+- **α-CROWN** (Xu et al., ICLR 2021; ``method="alpha-crown"``) optimizes the free choices of
+  the final pass's relaxations (lower slopes of unstable neurons, L2-pooling tangent points)
+  by projected gradient steps on the bound, per box and function; see
+  :meth:`BoundedNetwork.optimized_backward`.
 - A 1-Lipschitz model's certificate (its ``certificate`` attribute, see
   ``harmonia.metrics.model_certificate``) caps every logit-difference bound: ``f_k − f_c``
   moves at most ``c·‖δ‖₂`` (``c = 2`` for a per-logit certificate, ``√2`` for a vector one),
@@ -25,6 +29,7 @@ device of the inputs, and holds no autograd graph.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -53,7 +58,8 @@ from harmonia.verify.graph import (
 )
 
 Intermediate = Literal["ibp", "crown"]
-Method = Literal["ibp", "crown"]
+Method = Literal["ibp", "crown", "alpha-crown"]
+METHODS = ("ibp", "crown", "alpha-crown")
 
 
 @dataclass
@@ -419,10 +425,12 @@ class BoundedNetwork:
 
     # ---------------------------------------------------------------------------------------
     def backward(self, state: BoundState, start: int, lam: Tensor, owners: dict[int, Tensor] | None = None,
-                 members: int = 0) -> tuple[Tensor, Tensor]:
+                 members: int = 0, alphas: dict[int, list[Tensor]] | None = None) -> tuple[Tensor, Tensor]:
         """CROWN: ``lam · node_start ≤ coef · x + const`` on every box; returns ``(coef (B, M, *in), const (B, M))``.
 
         With ``owners`` (see :meth:`_owners`) the constant is split by cone: ``(B, M, members)``.
+        ``alphas``: per nonlinear node, the free parameters of its relaxation (α-CROWN; see
+        ``Nonlinear.init_alpha``); the pass then keeps the autograd graph through them.
         """
         batch, rows = lam.shape[:2]
         lams: dict[int, Tensor] = {start: lam}
@@ -441,7 +449,7 @@ class BoundedNetwork:
             spatial = terms.sum(2).flatten(2) if terms.dim() == 5 else terms.flatten(2)
             const = const.index_add(2, owner.clamp_min(0), spatial * (owner >= 0))
 
-        with torch.no_grad():
+        with torch.no_grad() if alphas is None else contextlib.nullcontext():
             for j in range(start, 0, -1):
                 if j not in lams:
                     continue
@@ -463,7 +471,7 @@ class BoundedNetwork:
                     in_shape = nodes[node.inputs[0]].shape
                     accumulate(node.inputs[0], node.op.transpose(flat, in_shape).reshape(batch, rows, *in_shape))
                 else:
-                    coef, terms = node.op.relax(lam_j, state.pre[j])
+                    coef, terms = node.op.relax(lam_j, state.pre[j], None if alphas is None else alphas.get(j))
                     add_terms(j, terms)
                     accumulate(node.inputs[0], coef)
         coef = lams.get(0)
@@ -471,11 +479,69 @@ class BoundedNetwork:
             coef = lam.new_zeros(batch, rows, *self.input_shape)
         return coef, const
 
+    def optimized_backward(self, state: BoundState, start: int, lam: Tensor, steps: int = 20,
+                           lr: float = 0.2) -> tuple[Tensor, Tensor]:
+        """α-CROWN (Xu et al., ICLR 2021): :meth:`backward` with its relaxations' free parameters optimized.
+
+        Every unstable ReLU / GroupSort2 neuron's lower-bound slope is a parameter in [0, 1]
+        (CROWN fixes it at 0 or 1), every L2-norm pooling window's tangent points (below: the
+        plane's point of contact, above: the square root's) are free; each bounded row (box ×
+        function) has its own. Any value gives a sound bound, so ``steps`` projected Adam steps
+        on the sum of the concretized bounds (rows are independent) only choose among sound
+        bounds; each row keeps its best iterate (never worse than CROWN, the first iterate).
+        Intermediate bounds are not re-optimized. Returns ``(coef, const)`` as :meth:`backward`.
+        """
+        if steps < 0 or lr <= 0:
+            raise ValueError(f"alpha_steps must be >= 0 and alpha_lr > 0; got {steps}, {lr}")
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("α-CROWN optimizes its relaxations by autograd: call it outside torch.inference_mode "
+                               "(the explainers' attribute() does)")
+        rows = lam.shape[1]
+        nodes = self.graph.nodes
+        alphas = {}
+        for j, pre in state.pre.items():
+            if j <= start:
+                init = nodes[j].op.init_alpha(pre, rows)
+                if init is not None:
+                    alphas[j] = init
+        params = [t.requires_grad_(True) for group in alphas.values() for t in group]
+        best: tuple[Tensor, Tensor, Tensor] | None = None
+        with gradients_on():
+            optimizer = torch.optim.Adam(params, lr=lr) if params else None
+            for step in range(steps + 1):
+                coef, const = self.backward(state, start, lam, alphas=alphas)
+                value = concretize(coef, const, state.lower, state.upper)  # (B, M)
+                with torch.no_grad():
+                    if best is None:
+                        best = (value.detach().clone(), coef.detach().clone(), const.detach().clone())
+                    else:
+                        better = value.detach() < best[0]
+                        view = better.view(*better.shape, *([1] * (coef.dim() - 2)))
+                        best = (torch.where(better, value.detach(), best[0]), torch.where(view, coef.detach(), best[1]),
+                                torch.where(better, const.detach(), best[2]))
+                if step == steps or optimizer is None or not value.requires_grad:
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                value.sum().backward()
+                optimizer.step()
+                with torch.no_grad():
+                    for j, group in alphas.items():
+                        nodes[j].op.project_alpha(group)
+        assert best is not None
+        return best[1], best[2]
+
     # ---------------------------------------------------------------------------------------
-    def margins(self, state: BoundState, target: Tensor, method: Method = "crown") -> MarginBound:
-        """Upper bounds of ``f_k − f_target`` for every class ``k`` on the boxes of ``state``."""
-        if method not in ("ibp", "crown"):
-            raise ValueError(f"method must be 'ibp' or 'crown'; got {method!r}")
+    def margins(self, state: BoundState, target: Tensor, method: Method = "crown", alpha_steps: int = 20,
+                alpha_lr: float = 0.2) -> MarginBound:
+        """Upper bounds of ``f_k − f_target`` for every class ``k`` on the boxes of ``state``.
+
+        ``method``: ``ibp`` (intervals), ``crown`` (one backward linear relaxation) or
+        ``alpha-crown`` (the relaxation's free parameters optimized for each box and class:
+        ``alpha_steps`` Adam steps of rate ``alpha_lr`` on the bound, the best iterate kept;
+        see :meth:`optimized_backward`).
+        """
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}; got {method!r}")
         out = self.graph.output
         logits = state.values[out]
         if logits.dim() != 2:
@@ -492,6 +558,8 @@ class BoundedNetwork:
         ibp = up - lo.gather(1, target[:, None])
         if method == "crown":
             coef, const = self.backward(state, out, spec)
+        elif method == "alpha-crown":
+            coef, const = self.optimized_backward(state, out, spec, alpha_steps, alpha_lr)
         else:
             coef, const = None, None
         return MarginBound(target, state.center, margin, ibp, lipschitz, coef, const)
@@ -576,17 +644,20 @@ def margin_bounds(
     method: Method = "crown",
     intermediate: Intermediate = "crown",
     crown_max_neurons: int | None = 2048,
+    alpha_steps: int = 20,
+    alpha_lr: float = 0.2,
 ) -> Tensor:
     """Upper bounds ``(N, K)`` of ``f_k(x + δ) − f_target(x + δ)`` over ``|δ| ≤ ε`` (L∞), ``δ = 0`` where ``mask`` is 0.
 
     ``epsilon``: a number or ``(N,)``; ``mask``: ``(N, 1|C, H, W)`` in {0, 1} (the coordinates
-    that may move; default all). The target's own column is 0.
+    that may move; default all). The target's own column is 0. ``method``: ``ibp``, ``crown``
+    or ``alpha-crown`` (``alpha_steps``, ``alpha_lr``: see :meth:`BoundedNetwork.margins`).
     """
     net = model if isinstance(model, BoundedNetwork) else BoundedNetwork(model, tuple(x.shape[1:]), dtype=x.dtype)
     radius = box_radius(x, epsilon, mask).to(net.dtype)
     xs = x.detach().to(net.dtype)
     state = net.bound(xs - radius, xs + radius, intermediate, crown_max_neurons)
-    return net.margins(state, target, method).upper(radius)
+    return net.margins(state, target, method, alpha_steps, alpha_lr).upper(radius)
 
 
 def box_radius(x: Tensor, epsilon: float | Tensor, mask: Tensor | None = None) -> Tensor:

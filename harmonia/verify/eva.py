@@ -31,7 +31,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harmonia.explain.base import Explainer, check_positive, chunks
-from harmonia.verify.bounds import BoundedNetwork, Intermediate, MarginBound, Method, box_radius, lipschitz_reach, overlap
+from harmonia.verify.bounds import (
+    METHODS,
+    BoundedNetwork,
+    BoundState,
+    Intermediate,
+    MarginBound,
+    Method,
+    box_radius,
+    lipschitz_reach,
+    overlap,
+)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -60,11 +70,16 @@ class _VerifiedExplainer(Explainer):
         dtype: Literal["float32", "float64"] = "float32",
         use_certificate: bool = True,
         batch_size: int = 16,
+        alpha_steps: int = 20,
+        alpha_lr: float = 0.2,
     ) -> None:
         super().__init__(batch_size)
-        check_positive(grid_size=grid_size)
-        if method not in ("ibp", "crown"):
-            raise ValueError(f"method must be 'ibp' or 'crown'; got {method!r}")
+        check_positive(grid_size=grid_size, alpha_lr=alpha_lr)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+        if alpha_steps < 0:
+            raise ValueError(f"alpha_steps must be >= 0; got {alpha_steps}")
+        self.alpha_steps, self.alpha_lr = int(alpha_steps), float(alpha_lr)
         if intermediate not in ("ibp", "crown"):
             raise ValueError(f"intermediate must be 'ibp' or 'crown'; got {intermediate!r}")
         if dtype not in DTYPES:
@@ -86,7 +101,11 @@ class _VerifiedExplainer(Explainer):
     def _bounds(self, net: BoundedNetwork, x: Tensor, target: Tensor, radius: Tensor) -> Tensor:
         """Upper bounds ``(B, K)`` of the logit differences on the boxes ``x ± radius``."""
         state = net.bound(x - radius, x + radius, self.intermediate, self.crown_max_neurons)
-        return net.margins(state, target, self.method).upper(radius)
+        return self._margins(net, state, target).upper(radius)
+
+    def _margins(self, net: BoundedNetwork, state: BoundState, target: Tensor) -> MarginBound:
+        """The logit-difference bounds of ``state``'s boxes by this explainer's method."""
+        return net.margins(state, target, self.method, self.alpha_steps, self.alpha_lr)
 
 
 class EVA(_VerifiedExplainer):
@@ -95,13 +114,16 @@ class EVA(_VerifiedExplainer):
     Args:
         epsilon: L∞ radius of the ball B, on the model's input scale (images in [0, 1]).
         grid_size: cells per side (the regions u).
-        method: ``crown`` (linear relaxation, default) or ``ibp`` (interval bounds only; ranks
-            regions poorly, for comparison).
+        method: ``crown`` (linear relaxation, default), ``alpha-crown`` (the same with its
+            relaxations optimized for each image and class, ``alpha_steps`` Adam steps of rate
+            ``alpha_lr``: tighter, about ``alpha_steps`` times the final pass's cost) or ``ibp``
+            (interval bounds only; ranks regions poorly, for comparison).
         intermediate: bounds of the hidden layers: ``crown`` (default; for layers with at most
             ``crown_max_neurons`` quantities per image, ``None`` for all) or ``ibp``.
         shared_relaxation: reuse the relaxations of B for every B∖u (see the module docstring).
         importance: which verified bounds the importance compares (default ``crown`` with
-            ``method="crown"``, else ``tightest``): ``crown``, CROWN's bounds of ``AO(x, B)`` and
+            ``method`` ``crown``/``alpha-crown``, else ``tightest``): ``crown``, the linear
+            (CROWN or α-CROWN) bounds of ``AO(x, B)`` and
             ``AO(x, B∖u)``; ``tightest``, the minimum of CROWN, interval bounds and the Lipschitz
             caps. Both are differences of sound bounds. The caps depend on a region's size only,
             so wherever they are the tightest bound every equal-size region gets the same
@@ -112,6 +134,7 @@ class EVA(_VerifiedExplainer):
         dtype: arithmetic of the bounds.
         use_certificate: cap bounds with a 1-Lipschitz model's ``certificate``.
         batch_size: images bounded at once.
+        alpha_steps, alpha_lr: α-CROWN's optimization (``method="alpha-crown"`` only).
     """
 
     def __init__(
@@ -126,14 +149,18 @@ class EVA(_VerifiedExplainer):
         dtype: Literal["float32", "float64"] = "float32",
         use_certificate: bool = True,
         batch_size: int = 16,
+        alpha_steps: int = 20,
+        alpha_lr: float = 0.2,
     ) -> None:
-        super().__init__(grid_size, method, intermediate, crown_max_neurons, dtype, use_certificate, batch_size)
+        super().__init__(grid_size, method, intermediate, crown_max_neurons, dtype, use_certificate, batch_size,
+                         alpha_steps, alpha_lr)
         check_positive(epsilon=epsilon)
-        importance = importance or ("crown" if method == "crown" else "tightest")
+        linear = method in ("crown", "alpha-crown")
+        importance = importance or ("crown" if linear else "tightest")
         if importance not in ("crown", "tightest"):
             raise ValueError(f"importance must be 'crown' or 'tightest'; got {importance!r}")
-        if importance == "crown" and method != "crown":
-            raise ValueError("importance='crown' needs method='crown'")
+        if importance == "crown" and not linear:
+            raise ValueError("importance='crown' needs method='crown' or 'alpha-crown'")
         self.epsilon = float(epsilon)
         self.shared_relaxation = bool(shared_relaxation)
         self.importance = importance
@@ -170,7 +197,7 @@ class EVA(_VerifiedExplainer):
         radius = box_radius(xs, self.epsilon)
         masks = cell_masks(self.grid_size, *xs.shape[-2:], xs.device).to(net.dtype)  # (G², 1, H, W)
         state = net.bound(xs - radius, xs + radius, self.intermediate, self.crown_max_neurons)
-        margins = net.margins(state, target, self.method)
+        margins = self._margins(net, state, target)
         full = margins.upper(radius) if tightest else _linear_upper(margins, radius)  # (N, K)
         if self.shared_relaxation and margins.coef is not None:
             # Sub-box radii ε·(1 − mask_u), evaluated without forming them: Σ_{i∉u} |a_i| = Σ|a| − Σ_{i∈u}|a|.
@@ -192,7 +219,7 @@ class EVA(_VerifiedExplainer):
                     parts.append(self._bounds(net, xs[i], target[i], r))
                 else:
                     sub_state = net.bound(xs[i] - r, xs[i] + r, self.intermediate, self.crown_max_neurons)
-                    parts.append(_linear_upper(net.margins(sub_state, target[i], "crown"), r))
+                    parts.append(_linear_upper(self._margins(net, sub_state, target[i]), r))
             regions = torch.cat(parts).view(n, g2, -1)
         regions = torch.minimum(regions, full.unsqueeze(1))  # B∖u ⊂ B
         return overlap(full, target), _overlap_rows(regions, target)
@@ -236,8 +263,11 @@ class CertifiedRegions(_VerifiedExplainer):
         dtype: Literal["float32", "float64"] = "float32",
         use_certificate: bool = True,
         batch_size: int = 64,
+        alpha_steps: int = 20,
+        alpha_lr: float = 0.2,
     ) -> None:
-        super().__init__(grid_size, method, intermediate, crown_max_neurons, dtype, use_certificate, batch_size)
+        super().__init__(grid_size, method, intermediate, crown_max_neurons, dtype, use_certificate, batch_size,
+                         alpha_steps, alpha_lr)
         check_positive(max_epsilon=max_epsilon, steps=steps)
         self.max_epsilon, self.steps = float(max_epsilon), int(steps)
 

@@ -254,7 +254,8 @@ class FunctionOp(Affine):
     def transpose(self, lam: Tensor, input_shape: tuple[int, ...]) -> Tensor:
         with gradients_on():
             probe = torch.zeros((lam.shape[0], *input_shape), dtype=lam.dtype, device=lam.device, requires_grad=True)
-            (grad,) = torch.autograd.grad(self.fn(probe), probe, lam)
+            # α-CROWN differentiates through the coefficients: keep the transpose differentiable then.
+            (grad,) = torch.autograd.grad(self.fn(probe), probe, lam, create_graph=lam.requires_grad)
         return grad
 
 
@@ -327,15 +328,19 @@ def relu_lower_slope(lower: Tensor, upper: Tensor) -> Tensor:
     return (active | unstable_up).to(lower.dtype)
 
 
-def relu_relax(lam: Tensor, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+def relu_relax(lam: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Upper bound of ``lam · relu(x)`` for ``x ∈ [lower, upper]`` as ``coef · x + Σ const``.
 
     ``lam``: ``(B, M, *shape)``; ``lower``/``upper``: ``(B, *shape)``. Returns ``coef`` and the
-    constant's terms per coordinate, both like ``lam``.
+    constant's terms per coordinate, both like ``lam``. ``alpha`` (like ``lam``, in [0, 1]): the
+    lower-bound slopes of the unstable neurons (α-CROWN); default CROWN's 0-or-1 choice.
     """
     lower, upper = lower.unsqueeze(1), upper.unsqueeze(1)
     up_slope, up_icpt = relu_upper_line(lower, upper)
     low_slope = relu_lower_slope(lower, upper)
+    if alpha is not None:
+        unstable = (lower < 0) & (upper > 0)
+        low_slope = torch.where(unstable, alpha, low_slope)
     coef = lam * torch.where(lam >= 0, up_slope, low_slope)
     return coef, lam.clamp_min(0) * up_icpt
 
@@ -375,11 +380,22 @@ class Nonlinear(Op):
         """Output interval from the input's interval and the quantity's bounds ``pre``."""
         raise NotImplementedError
 
-    def relax(self, lam: Tensor, pre: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def relax(self, lam: Tensor, pre: tuple[Tensor, Tensor], alpha: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """Upper bound of ``lam · op(x)`` on the box: ``coef (B, M, *in_shape)`` on ``x`` and the constant
         as a map ``(B, M, c, h, w)`` (or ``(B, M, n)``) over the op's output positions, summed by the caller.
+
+        ``alpha``: free parameters of the relaxation (from :meth:`init_alpha`, optimized by
+        α-CROWN); every value of them gives a sound bound once :meth:`project_alpha` has run.
         """
         raise NotImplementedError
+
+    def init_alpha(self, pre: tuple[Tensor, Tensor], rows: int) -> list[Tensor] | None:
+        """Parameters of the relaxation for ``rows`` bounded functions per box, ``(B, rows, ...)`` each,
+        starting at CROWN's fixed choice; ``None``: nothing to optimize."""
+        return None
+
+    def project_alpha(self, alpha: list[Tensor]) -> None:
+        """Put ``alpha`` back (in place) where every value is a sound relaxation."""
 
 
 class ReLUOp(Nonlinear):
@@ -393,8 +409,15 @@ class ReLUOp(Nonlinear):
     def interval_from_pre(self, lower: Tensor, upper: Tensor, pre: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         return F.relu(pre[0]), F.relu(pre[1])
 
-    def relax(self, lam: Tensor, pre: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        return relu_relax(lam, *pre)
+    def relax(self, lam: Tensor, pre: tuple[Tensor, Tensor], alpha: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        return relu_relax(lam, *pre, alpha=None if alpha is None else alpha[0])
+
+    def init_alpha(self, pre: tuple[Tensor, Tensor], rows: int) -> list[Tensor] | None:
+        slope = relu_lower_slope(*pre).unsqueeze(1)
+        return [slope.expand(-1, rows, *slope.shape[2:]).clone()]
+
+    def project_alpha(self, alpha: list[Tensor]) -> None:
+        alpha[0].clamp_(0, 1)
 
 
 class GroupSort2Op(Nonlinear):
@@ -449,11 +472,19 @@ class GroupSort2Op(Nonlinear):
         out_up = torch.stack((torch.maximum(min_up, min_lo), torch.maximum(max_up, max_lo)), dim=2).reshape(upper.shape)
         return out_lo, out_up
 
-    def relax(self, lam: Tensor, pre: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def relax(self, lam: Tensor, pre: tuple[Tensor, Tensor], alpha: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
         p = self._pairs(lam, dim=2)
         lam_min, lam_max = p[:, :, :, 0], p[:, :, :, 1]
-        coef_d, const = relu_relax(lam_max - lam_min, *pre)  # upper bound of gain · relu(d)
+        # Upper bound of gain · relu(d); α: the slope of relu(d) ≥ α·d where the gain is negative.
+        coef_d, const = relu_relax(lam_max - lam_min, *pre, alpha=None if alpha is None else alpha[0])
         return torch.stack((lam_min + coef_d, lam_max - coef_d), dim=3).reshape(lam.shape), const
+
+    def init_alpha(self, pre: tuple[Tensor, Tensor], rows: int) -> list[Tensor] | None:
+        slope = relu_lower_slope(*pre).unsqueeze(1)
+        return [slope.expand(-1, rows, *slope.shape[2:]).clone()]
+
+    def project_alpha(self, alpha: list[Tensor]) -> None:
+        alpha[0].clamp_(0, 1)
 
 
 class MaxPoolOp(Nonlinear):
@@ -479,7 +510,7 @@ class MaxPoolOp(Nonlinear):
         cols = F.unfold(padded.reshape(b * c, 1, *padded.shape[-2:]), self.kernel, stride=self.stride)
         return cols.view(b, c, cols.shape[1], cols.shape[2])
 
-    def relax(self, lam: Tensor, pre: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def relax(self, lam: Tensor, pre: tuple[Tensor, Tensor], alpha: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
         lo, up = pre
         big = torch.finfo(lo.dtype).max / 4  # padding never wins: every window holds a real input
         win_lo, win_up = self._windows(lo, -big), self._windows(up, -big)  # (B, C, K, L)
@@ -539,22 +570,34 @@ class L2PoolOp(Nonlinear):
         s = self.scale
         return (a * s, b * s) if s >= 0 else (b * s, a * s)
 
-    def relax(self, lam: Tensor, pre: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def relax(self, lam: Tensor, pre: tuple[Tensor, Tensor], alpha: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
         lo, up = (self._crop(t).unsqueeze(1) for t in pre)  # (B, 1, C, h, w)
         lam = lam * self.scale
         tiny = torch.finfo(lo.dtype).tiny ** 0.5
-        mid = (lo + up) / 2
-        norm_c = self._spread(self._sum(mid**2).sqrt())
-        low_coef = torch.where(norm_c > 0, mid / norm_c.clamp_min(tiny), torch.zeros_like(mid))
+        # Below: the tangent plane at p (any p; CROWN's p is the midpoint). Above: the chords of the
+        # squares, then the tangent of √ at t > 0 (CROWN's t is the chord sum at the midpoint, S0).
+        mid, rad = (lo + up) / 2, (up - lo) / 2
         s0 = self._sum((lo**2 + up**2) / 2).clamp_min(tiny**2)
+        point = mid
+        if alpha is not None:  # α-CROWN: p = mid + θ·radius, t = S0·exp(τ), any θ and τ
+            point = mid + alpha[0] * rad
+            s0 = s0 * alpha[1].exp()
+        square = self._spread(self._sum(point**2))
+        low_coef = torch.where(square > 0, point / square.clamp_min(tiny**2).sqrt(), torch.zeros_like(point))
         root = s0.sqrt()
         up_coef = (lo + up) / (2 * self._spread(root))
-        up_const = root / 2 - self._sum(lo * up) / (2 * root)  # √S0 − S0/(2√S0) − Σ l u/(2√S0)
+        up_const = root / 2 - self._sum(lo * up) / (2 * root)  # √t − t/(2√t) − Σ l u/(2√t)
         lam_pix = self._spread(lam)
         coef = lam_pix * torch.where(lam_pix >= 0, up_coef, low_coef)
         const = lam.clamp_min(0) * up_const
         h, w = pre[0].shape[-2:]
         return F.pad(coef, (0, w - coef.shape[-1], 0, h - coef.shape[-2])), const
+
+    def init_alpha(self, pre: tuple[Tensor, Tensor], rows: int) -> list[Tensor] | None:
+        lo = self._crop(pre[0]).unsqueeze(1)
+        point = lo.new_zeros((lo.shape[0], rows, *lo.shape[2:]))  # θ: offset of p from the midpoint, in radii
+        level = self._sum(point)  # τ: log of t / S0
+        return [point, level]
 
 
 # --------------------------------------------------------------------------------------------

@@ -235,3 +235,25 @@ def test_bad_input_names_the_class():
         analyze_class(toy_model(), images, labels, maps[:2], 1, "c1", toy_settings(), NAMES)
     with pytest.raises(ValueError, match=r"class 1 \(c1\)"):
         analyze_class(toy_model(), images, labels, maps, 1, "c1", toy_settings(n_concepts=50), NAMES)
+
+
+def test_contribution_maps_are_coefficients_times_the_logit_slope_along_the_concept():
+    """Spatial-mean linear head: ∂logit/∂a(pos) = w_c / (h·w) everywhere, so concept j's map is u_j · ⟨W_j, w_c⟩ / (h·w)."""
+    import torch.nn.functional as F
+
+    from harmonia.atlas.analysis import contribution_maps
+    from harmonia.concepts import Craft
+
+    torch.manual_seed(0)
+    head = nn.Linear(8, 3)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head).eval()
+    images = torch.rand(4, 1, 16, 16)
+    craft = Craft(model, 2, n_concepts=3, patch_size=6, nb_design=4)
+    bank = craft.fit(images, 1, importance=False)
+    maps = contribution_maps(craft, bank, images)
+    u = craft.transform(bank, images)  # (N, 8, 8, k)
+    slope = bank.components @ head.weight[1].detach() / 64
+    expected = F.interpolate((u * slope).clamp_min(0).permute(0, 3, 1, 2), size=(16, 16), mode="bicubic", align_corners=False).clamp_min(0)
+    assert maps.shape == (4, 3, 16, 16) and torch.allclose(maps, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="off_map_maps"):
+        AtlasSettings(off_map_maps="somewhere")

@@ -19,7 +19,15 @@ second copy of them):
 - shortcut flags: the share of a concept's attribution mass (summed over the class's mapped
   images) on pixels *outside* the human map (map value < ``map_threshold`` × the image's map
   maximum); a concept with ``importance ≥ flag_importance`` and ``off-map share ≥
-  flag_off_map`` is flagged;
+  flag_off_map`` is flagged. The mass is, by default, the concept's *contribution* to the class
+  logit at each position (:func:`contribution_maps`: its coefficient times the logit's gradient
+  along the concept vector, gradient × input in concept space), not its *presence* (the
+  coefficients alone, :meth:`Craft.attribution_maps`, which the tints show). Why: on the decoy
+  digits no concept is the decoy alone. The decoy's activations share the concept of the
+  digit's bright strokes, whose presence spreads over the whole digit, so its presence map puts
+  15% of its mass near the decoy and looks like any digit concept; the class logit, however,
+  reads that concept mostly at the decoy, and the contribution map puts 75% there
+  (decoy-trained CNN, classes 0 and 1);
 - ``profile`` ``(k, n_crops)``: each concept's NMF coefficients on the class's crops. The same
   images cut with the same patch size give the same crops whatever the model, so this row is a
   signature that does not depend on the model's channel space: :func:`compare_section` and
@@ -54,7 +62,7 @@ from harmonia.atlas.schema import SCHEMA_VERSION, validate
 from harmonia.callbacks.feature_viz import maco_settings
 from harmonia.callbacks.monitor import eval_mode
 from harmonia.callbacks.saliency import TrainingSaliency
-from harmonia.concepts import Craft, attribution_overlay, concept_color, match_concepts
+from harmonia.concepts import ConceptBank, Craft, attribution_overlay, concept_color, match_concepts
 from harmonia.explain import Saliency
 from harmonia.explain.base import Explainer
 from harmonia.metrics.alignment import human_alignment
@@ -85,6 +93,10 @@ class AtlasSettings:
             concept space (:class:`harmonia.concepts.Craft`); ``None``: the reference CRAFT.
         map_threshold: a pixel is off the human map when its map value is below this fraction
             of the image's map maximum.
+        off_map_maps: which concept maps the off-map share weighs: ``"contribution"`` (where the
+            concept drives the class logit, :func:`contribution_maps`) or ``"presence"`` (where
+            the concept is, :meth:`Craft.attribution_maps`; on the decoy digits it does not single
+            out the decoy, see the module doc).
         flag_importance, flag_off_map: a concept is flagged when its importance share and its
             off-map share reach both (calibrated on the decoy digits, benchmarks/README.md).
         important_min_share: a concept counts as important when it is the top concept of at
@@ -110,6 +122,7 @@ class AtlasSettings:
     maco_steps: int = 64
     baseline: float | None = 0.0
     map_threshold: float = 0.1
+    off_map_maps: str = "contribution"
     flag_importance: float = 0.2
     flag_off_map: float = 0.5
     important_min_share: float = 0.1
@@ -132,6 +145,8 @@ class AtlasSettings:
         for name in ("map_threshold", "flag_importance", "flag_off_map", "important_min_share"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ValueError(f"AtlasSettings.{name} must lie in [0, 1]; got {getattr(self, name)}")
+        if self.off_map_maps not in ("contribution", "presence"):
+            raise ValueError(f"AtlasSettings.off_map_maps must be 'contribution' or 'presence'; got {self.off_map_maps!r}")
         if any(e < 0 or not math.isfinite(e) for e in self.epsilons):
             raise ValueError(f"AtlasSettings.epsilons must be finite and >= 0; got {list(self.epsilons)}")
 
@@ -286,6 +301,31 @@ def class_directions(model: nn.Module, layer: int | str, images: Tensor, batch_s
     return (total / len(images)).cpu()
 
 
+def contribution_maps(craft: Craft, bank: ConceptBank, images: Tensor) -> Tensor:
+    """Where each concept drives the class logit: ``(N, k, H, W)`` ≥ 0.
+
+    At each position of the concept layer, concept ``j``'s contribution is its coefficient
+    ``u_j`` (:meth:`Craft.transform`) times the directional derivative of the class logit
+    (``bank.class_id``) along the concept vector, ``⟨W_j, ∂logit/∂a⟩`` (gradient × input in
+    concept space: the first-order change of the logit if the concept vanished there);
+    negative contributions count 0. Resized to the image like :meth:`Craft.attribution_maps`
+    (bicubic, negatives clipped).
+    """
+    u = craft.transform(bank, images)  # (N, h, w, k)
+    if u.ndim != 4:
+        raise ValueError(f"layer {craft.split.name!r} has no 2-D spatial activations; contribution maps need them")
+    split = craft.split
+    with torch.enable_grad(), torch.inference_mode(False):
+        x = images.to(craft.device).clone()
+        acts = split.activations(x).detach().requires_grad_(True)
+        logits = split.logits(acts, x if split.needs_input else None)
+        (grad,) = torch.autograd.grad(logits[:, bank.class_id].sum(), acts)
+    along = torch.einsum("kc,nchw->nhwk", bank.components.to(grad), grad)  # ⟨W_j, ∂logit/∂a⟩ per position
+    contribution = (u * along.to(u)).clamp_min(0).permute(0, 3, 1, 2)
+    maps = F.interpolate(contribution, size=images.shape[-2:], mode="bicubic", align_corners=False)
+    return maps.clamp_min(0).detach()
+
+
 def _cosine(a: Tensor, b: Tensor) -> Tensor:
     """Row-by-row cosine ``(len(a), len(b))``; a zero row has cosine 0 with everything."""
     return F.normalize(a.double(), dim=1) @ F.normalize(b.double(), dim=1).T
@@ -363,7 +403,13 @@ def analyze_class(
                                   for s in range(0, len(x), settings.batch_size)])  # (N, k, H, W)
         has_map = torch.zeros(len(images), dtype=torch.bool) if maps is None else maps.flatten(1).amax(1).cpu() > 0
         maps_cpu = None if maps is None or not has_map.any() else maps.detach().float().cpu()
-        off = None if maps_cpu is None else off_map_share(attributions, maps_cpu, settings.map_threshold, has_map)
+        off = None
+        if maps_cpu is not None:
+            weights = attributions
+            if settings.off_map_maps == "contribution":
+                weights = torch.cat([contribution_maps(craft, bank, x[s : s + settings.batch_size]).cpu()
+                                     for s in range(0, len(x), settings.batch_size)])
+            off = off_map_share(weights, maps_cpu, settings.map_threshold, has_map)
         flagged = flag_concepts(share, off, settings.flag_importance, settings.flag_off_map)
 
         pictures = None

@@ -62,11 +62,12 @@ from harmonia.atlas.schema import SCHEMA_VERSION, validate
 from harmonia.callbacks.feature_viz import maco_settings
 from harmonia.callbacks.monitor import eval_mode
 from harmonia.callbacks.saliency import TrainingSaliency
-from harmonia.concepts import ConceptBank, Craft, attribution_overlay, concept_color, match_concepts
+from harmonia.concepts import ConceptBank, Craft, LayerSplit, attribution_overlay, concept_color, match_concepts
 from harmonia.explain import Saliency
-from harmonia.explain.base import Explainer
+from harmonia.explain.base import Explainer, gradients_on
 from harmonia.metrics.alignment import human_alignment
 from harmonia.metrics.certified import certified_radius, model_certificate
+from harmonia.models.orthogonal import cached_weights
 from harmonia.visualize import Spectrum, concept_pictures, objective_seed
 from harmonia.visualize.figure import save_figure
 
@@ -259,7 +260,9 @@ def embed(vectors: Tensor, seed: int = 0, tsne_min_images: int = 20) -> tuple[Te
         raise ValueError(f"vectors must be (N, d); got shape {tuple(vectors.shape)}")
     if n >= max(tsne_min_images, 4):
         perplexity = min(30.0, max(1.0, (n - 1) / 3))
-        points = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+        # Exact gradients up to a few hundred points: Barnes-Hut's tree costs more than it saves there.
+        points = TSNE(2, perplexity=perplexity, init="pca", random_state=seed,
+                      method="exact" if n <= 500 else "barnes_hut").fit_transform(x)
         method = "tsne"
     else:
         method = "pca"
@@ -282,10 +285,10 @@ def class_directions(model: nn.Module, layer: int | str, images: Tensor, batch_s
     shift of the mean shifts every position alike). For a layer that feeds a linear head this
     is the head's weight row.
     """
-    split = Craft(model, layer, n_concepts=1, patch_size=1).split  # the same split as the concepts'
+    split = LayerSplit(model, layer)  # the split Craft makes
     total: Tensor | None = None
     device = next((p.device for p in model.parameters()), images.device)
-    with torch.enable_grad(), torch.inference_mode(False):
+    with gradients_on():
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(device).clone()
             acts = split.activations(x).detach().requires_grad_(True)
@@ -315,7 +318,7 @@ def contribution_maps(craft: Craft, bank: ConceptBank, images: Tensor) -> Tensor
     if u.ndim != 4:
         raise ValueError(f"layer {craft.split.name!r} has no 2-D spatial activations; contribution maps need them")
     split = craft.split
-    with torch.enable_grad(), torch.inference_mode(False):
+    with gradients_on():
         x = images.to(craft.device).clone()
         acts = split.activations(x).detach().requires_grad_(True)
         logits = split.logits(acts, x if split.needs_input else None)
@@ -378,7 +381,9 @@ def analyze_class(
     images = images.detach().float().cpu()
     labels = labels.detach().long().cpu()
     x = images.to(device)
-    with eval_mode(model):
+    # cached_weights: a 1-Lipschitz layer orthonormalizes its weight once for the whole analysis,
+    # not at each of its thousands of forwards (the weights do not change here).
+    with eval_mode(model), gradients_on(), cached_weights():
         try:
             craft = Craft(net, settings.layer, n_concepts=settings.n_concepts, patch_size=settings.patch_size,
                           nb_design=settings.nb_design, batch_size=settings.batch_size, seed=settings.seed,

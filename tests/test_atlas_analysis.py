@@ -257,3 +257,13 @@ def test_contribution_maps_are_coefficients_times_the_logit_slope_along_the_conc
     assert maps.shape == (4, 3, 16, 16) and torch.allclose(maps, expected, atol=1e-6)
     with pytest.raises(ValueError, match="off_map_maps"):
         AtlasSettings(off_map_maps="somewhere")
+
+
+def test_banks_of_different_sizes_leave_extra_concepts_unmatched(toy_analysis: ClassAnalysis):
+    from harmonia.atlas.analysis import match_pairs
+
+    b = _permuted(toy_analysis, [1, 0])  # two of the three concepts, swapped
+    b.n_top_images = b.n_top_images[:2]
+    pairs = match_pairs(toy_analysis, b)
+    assert sorted((p["a"], p["b"]) for p in pairs) == [(0, 1), (1, 0)]
+    assert all(p["cosine"] == pytest.approx(1.0, abs=1e-5) for p in pairs)

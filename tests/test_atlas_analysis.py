@@ -183,7 +183,9 @@ def test_toy_model_end_to_end_with_maco(tmp_path: Path):
     assert a.off_map is not None and ((a.off_map >= 0) & (a.off_map <= 1)).all()
     assert a.embedding_method == "pca" and a.embedding.shape == (6, 2)
     assert a.certified is None  # a plain conv net carries no certificate
-    torch.save(a, tmp_path / "a.pt")  # the cache holds it as is
+    torch.save(a, tmp_path / "a.pt")  # the cache holds it as is, and reads it back with the safe loader
+    back = torch.load(tmp_path / "a.pt")
+    assert isinstance(back, ClassAnalysis) and torch.equal(back.profile, a.profile) and back.settings == a.settings
 
     document = class_document(a, tmp_path, "img/class/1")
     validate(json.loads(json.dumps(document)), "round trip")

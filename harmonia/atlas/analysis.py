@@ -215,6 +215,11 @@ class ClassAnalysis:
         return float(valid.mean()) if len(valid) else None
 
 
+# The cache holds analyses with torch.save; torch.load's default (weights_only) unpickler accepts
+# only allow-listed classes, and a ClassAnalysis holds nothing but tensors and plain values.
+torch.serialization.add_safe_globals([ClassAnalysis])
+
+
 # ----- pieces with their own tests ----------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ second copy of them):
   coefficients alone, :meth:`Craft.attribution_maps`, which the tints show). Why: on the decoy
   digits no concept is the decoy alone. The decoy's activations share the concept of the
   digit's bright strokes, whose presence spreads over the whole digit, so its presence map puts
-  15% of its mass near the decoy and looks like any digit concept; the class logit, however,
+  17% of its mass near the decoy and looks like any digit concept; the class logit, however,
   reads that concept mostly at the decoy, and the contribution map puts 75% there
   (decoy-trained CNN, classes 0 and 1);
 - ``profile`` ``(k, n_crops)``: each concept's NMF coefficients on the class's crops. The same

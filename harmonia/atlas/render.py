@@ -54,6 +54,11 @@ def fmt_delta(value: float | None, percent: bool = True) -> str:
     return f"{100 * value:+.1f}%" if percent else f"{value:+.3g}"
 
 
+def fmt_value(value: Any) -> str:
+    """A setting or argument as written in a config: strings as they are, anything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 # --------------------------------------------------------------------------------------------- SVG charts
 # Each function returns a complete inline <svg> as Markup; every piece of text goes through escape().
 # Inline SVG in HTML needs no xmlns, which keeps the pages free of any http:// string.
@@ -368,7 +373,7 @@ def environment() -> jinja2.Environment:
     """The Jinja2 environment of the site's templates (autoescaped, undefined names are errors)."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(pct=fmt_pct, num=fmt_num, delta=fmt_delta)
+    env.filters.update(pct=fmt_pct, num=fmt_num, delta=fmt_delta, value=fmt_value)
     return env
 
 
@@ -411,10 +416,10 @@ def render_site(out: Path) -> list[Path]:
         for entry in entries:
             doc = documents[entry["id"]]
             if doc["timeline"] is None:
-                rows.append({"entry": entry, "chart": None, "drift": []})
+                rows.append({"entry": entry, "chart": None, "drift": [], "legend": []})
                 continue
-            rows.append({"entry": entry, "chart": timeline_chart(doc), "drift": doc["timeline"]["drift"],
-                         "checkpoints": doc["timeline"]["checkpoints"]})
+            legend = [{"name": f"c{c['id']}", "color": c["color"]} for c in sorted(doc["concepts"], key=lambda c: c["id"])]
+            rows.append({"entry": entry, "chart": timeline_chart(doc), "drift": doc["timeline"]["drift"], "legend": legend})
         write("timeline.html", "timeline.html", index=index, rows=rows)
     elif timeline.exists():
         timeline.unlink()

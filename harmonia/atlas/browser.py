@@ -264,7 +264,7 @@ class _Visit:
     # -- the walk --------------------------------------------------------------------------------------
 
     def run(self) -> SiteReport:
-        queue, seen = ["index.html"], {"index.html"}
+        queue, seen = ["index.html"], {"index.html"}  # breadth-first over the links, from the index
         while queue:
             page = queue.pop(0)
             self.driver.get((self.out / page).as_uri())
@@ -281,6 +281,9 @@ class _Visit:
                 self.try_hover(page)
             self.console(page)
             self.screenshot(page)
+        for page in sorted(p.relative_to(self.out).as_posix() for p in self.out.glob("*/*.html")):
+            if page not in seen:
+                self.report.failures.append(f"{page}: no link of the site leads to it")
         self.driver.get((self.out / "index.html").as_uri())
         self.try_random()
         return self.report

@@ -222,9 +222,11 @@ def histogram(edges: list[float], counts: list[int], label: str, width: int = 36
     step = span / len(counts)
     body = [f'<line {_attrs(x1=left, y1=height - bottom, x2=width - right, y2=height - bottom, class_="axis")}/>',
             _text(left - 4, top + 8, str(peak), text_anchor="end", class_="tick"),
-            _text(left - 4, height - bottom, "0", text_anchor="end", class_="tick"),
-            _text(left, height - 8, fmt_num(edges[0]), text_anchor="start", class_="tick"),
-            _text(width - right, height - 8, fmt_num(edges[-1]), text_anchor="end", class_="tick")]
+            _text(left - 4, height - bottom, "0", text_anchor="end", class_="tick")]
+    every = max(1, math.ceil(len(edges) / 8))  # at most ~8 edge labels, always the last one
+    for i, edge in enumerate(edges):
+        if i % every == 0 or i == len(edges) - 1:
+            body.append(_text(left + i * step, height - 8, f"{edge:.2g}", text_anchor="middle", class_="tick"))
     for i, count in enumerate(counts):
         h = (height - top - bottom) * count / peak
         body.append(f'<rect {_attrs(x=f"{left + i * step + 1:.1f}", y=f"{height - bottom - h:.1f}", width=f"{max(step - 2, 1):.1f}", height=f"{h:.1f}", class_="hist-bar")}>'

@@ -130,6 +130,7 @@ def test_index_page_content(atlas: Path) -> None:
     assert "&lt;b&gt;not bold&lt;/b&gt; &amp; escaped" in html  # the config is escaped, not interpreted
     assert html.count("<svg") == 3  # one chart per logged series
     assert 'href="class/0.html#concept-1"' in html and 'href="class/1.html#concept-0"' in html  # the flags
+    assert 'src="img/class/0/concept_1_picture.png" alt="Flagged concept c1 of class zero"' in html  # with pictures
     assert "Held-out accuracy" in html and "Certified accuracy" in html
 
 

@@ -11,6 +11,7 @@ shows, and follows the random-class link. Used by the tests and the atlas benchm
 from __future__ import annotations
 
 import base64
+import importlib.util
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -50,9 +51,7 @@ class SiteReport:
 
 def chromium_available() -> str | None:
     """``None`` when Selenium, Chromium and chromedriver are all present; otherwise why not."""
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("selenium") is None:
         return "the selenium package is not installed (pip install -e '.[dev]')"
     missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not (Path(path).is_file() and os.access(path, os.X_OK))]
     if missing:

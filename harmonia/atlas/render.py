@@ -74,7 +74,8 @@ def _attrs(**attributes: Any) -> str:
 
 
 def _svg(width: float, height: float, body: list[str], label: str, css: str = "chart") -> Markup:
-    head = f'<svg {_attrs(class_=css, viewBox=f"0 0 {width:g} {height:g}", width=f"{width:g}", height=f"{height:g}", role="img")}>'
+    box = _attrs(class_=css, viewBox=f"0 0 {width:g} {height:g}", width=f"{width:g}", height=f"{height:g}", role="img")
+    head = f"<svg {box}>"
     return Markup(head + f"<title>{escape(label)}</title>" + "".join(body) + "</svg>")
 
 
@@ -103,7 +104,9 @@ def bar_chart(bars: list[dict[str, Any]], label: str, width: int = 520) -> Marku
     for i, bar in enumerate(bars):
         y = 4 + i * row
         length = max(span * bar["value"] / top, 1.0)
-        rect = (f'<rect {_attrs(x=left, y=y + 3, width=f"{length:.1f}", height=row - 6, fill=bar["color"], class_="bar-flagged" if bar.get("flagged") else None)}>'
+        shape = _attrs(x=left, y=y + 3, width=f"{length:.1f}", height=row - 6, fill=bar["color"],
+                       class_="bar-flagged" if bar.get("flagged") else None)
+        rect = (f"<rect {shape}>"
                 f'<title>{escape(bar["label"])}: {escape(fmt_pct(bar["value"]))}</title></rect>')
         name = _text(left - 6, y + row / 2 + 4, bar["label"], text_anchor="end")
         value = fmt_pct(bar["value"]) + ("  ⚑ off-map" if bar.get("flagged") else "")
@@ -207,8 +210,10 @@ def scatter(points: list[dict[str, Any]], colors: list[str], names: list[str], r
         color = colors[p["concept"]] if 0 <= p["concept"] < len(colors) else "#888888"
         concept = names[p["concept"]] if 0 <= p["concept"] < len(names) else f"concept {p['concept']}"
         tip = f"image {i}: top concept {concept}" + ("" if p["correct"] else " (misclassified)")
-        body.append(f'<circle {_attrs(class_="map-point", cx=f"{cx:.1f}", cy=f"{cy:.1f}", r=5, tabindex=0, fill=color if p["correct"] else "#ffffff", stroke=color, stroke_width=2, data_src=root + p["image"], data_tip=tip)}>'
-                    f'<title>{escape(tip)}</title></circle>')
+        dot = _attrs(class_="map-point", cx=f"{cx:.1f}", cy=f"{cy:.1f}", r=5, tabindex=0,
+                     fill=color if p["correct"] else "#ffffff", stroke=color, stroke_width=2,
+                     data_src=root + p["image"], data_tip=tip)
+        body.append(f"<circle {dot}><title>{escape(tip)}</title></circle>")
     return _svg(width, height, body, label, css="chart map")
 
 
@@ -229,7 +234,9 @@ def histogram(edges: list[float], counts: list[int], label: str, width: int = 36
             body.append(_text(left + i * step, height - 8, f"{edge:.2g}", text_anchor="middle", class_="tick"))
     for i, count in enumerate(counts):
         h = (height - top - bottom) * count / peak
-        body.append(f'<rect {_attrs(x=f"{left + i * step + 1:.1f}", y=f"{height - bottom - h:.1f}", width=f"{max(step - 2, 1):.1f}", height=f"{h:.1f}", class_="hist-bar")}>'
+        shape = _attrs(x=f"{left + i * step + 1:.1f}", y=f"{height - bottom - h:.1f}", width=f"{max(step - 2, 1):.1f}",
+                       height=f"{h:.1f}", class_="hist-bar")
+        body.append(f"<rect {shape}>"
                     f'<title>radius {escape(fmt_num(edges[i]))}–{escape(fmt_num(edges[i + 1]))}: {count} images</title></rect>')
     return _svg(width, height, body, label)
 
@@ -402,6 +409,9 @@ def render_site(out: Path) -> list[Path]:
         written.append(path)
 
     flags = sorted(index["flags"], key=lambda f: (-f["importance"], f["class"], f["concept"]))
+    pictures = {(d["class"]["id"], c["id"]): c["picture"] or (c["crops"][0] if c["crops"] else None)
+                for d in documents.values() for c in d["concepts"]}
+    flags = [{**f, "picture": pictures.get((f["class"], f["concept"]))} for f in flags]  # shown beside each flag
     write("index.html", "index.html", index=index, flags=flags, known=known, curves=_curves(index["curves"]),
           settings=sorted(index["settings"].items()))
     for i, entry in enumerate(entries):

@@ -147,8 +147,9 @@ def line_chart(series: list[dict[str, Any]], label: str, width: int = 320, heigh
             _text(left - 4, top + 8, fmt_num(y1), text_anchor="end", class_="tick"),
             _text(left - 4, height - bottom, fmt_num(y0), text_anchor="end", class_="tick")]
     if x_labels:
-        for i, name in enumerate(x_labels):
-            body.append(_text(sx(i), height - 8, name, text_anchor="middle", class_="tick"))
+        n, shown = len(x_labels), min(len(x_labels), 6)  # evenly spaced, first and last: no overlap on a long run
+        for i in sorted({round(j * (n - 1) / max(shown - 1, 1)) for j in range(shown)}):
+            body.append(_text(sx(i), height - 8, x_labels[i], text_anchor="middle", class_="tick"))
     else:
         body.append(_text(left, height - 8, fmt_num(x0), text_anchor="start", class_="tick"))
         body.append(_text(width - right, height - 8, fmt_num(x1), text_anchor="end", class_="tick"))

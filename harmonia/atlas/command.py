@@ -633,8 +633,8 @@ class AtlasRunner(pl.LightningModule):
         self.heldout_fn = heldout
         self.heldout: float | None = None
         self.seconds: dict[str, float] = {}
-        self.analysed = 0
-        self.cached = 0
+        self.analysed = 0  # analyses computed (after predict: by every rank together)
+        self.cached = 0  # analyses read from the cache (likewise)
 
     def _tick(self, stage: str, start: float) -> float:
         now = time.perf_counter()
@@ -693,11 +693,14 @@ class AtlasRunner(pl.LightningModule):
         return torch.as_tensor(batch).reshape(-1).tolist()
 
     def on_predict_end(self) -> None:
-        """Rank zero scores the held-out split; every rank then waits until all documents are written."""
+        """Rank zero scores the held-out split; then the ranks add up their counts, which also
+        makes every rank wait until all documents are written."""
         if self.heldout_fn is not None and self.trainer.is_global_zero:
             start = time.perf_counter()
             self.heldout = self.heldout_fn(self.model, self.device)
             self._tick("heldout", start)
+        counts = torch.tensor([self.analysed, self.cached], dtype=torch.long, device=self.device)
+        self.analysed, self.cached = (int(n) for n in self.trainer.strategy.reduce(counts, reduce_op="sum").tolist())
         self.trainer.strategy.barrier("harmonia-atlas-documents")
 
 

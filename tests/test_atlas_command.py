@@ -69,6 +69,22 @@ def _small(*args: str) -> list[str]:
     return [*args, "--classes", "0", "1", "2", "--images-per-class", "3", "--heldout_images", "64"]
 
 
+def test_the_issue_spellings_and_underscores_parse_alike() -> None:
+    dashed = command.parse_args(["--ckpt_path", "m.ckpt", "--images-per-class", "7", "--concepts", "4", "--no-maco",
+                                 "--classes", "3", "5", "--trainer.devices", "2", "--trainer.accelerator=cpu"])
+    underscored = command.parse_args(["--ckpt-path", "m.ckpt", "--images_per_class", "7", "--n_concepts", "4",
+                                      "--maco", "false", "--classes", "3", "5", "--trainer.devices", "2",
+                                      "--trainer.accelerator=cpu"])
+    for parsed in (dashed, underscored):
+        o = parsed.options
+        assert (o.images_per_class, o.n_concepts, o.maco, o.classes, o.split) == (7, 4, False, [3, 5], "train")
+        assert parsed.overrides == ["--trainer.devices", "2", "--trainer.accelerator=cpu"]
+    assert command.parse_args(["--ckpt_path", "m", "--maco", "--layer", "-2"]).options.maco is True
+    assert command.parse_args(["--ckpt_path", "m", "--layer", "-2"]).options.layer == -2
+    assert command.parse_args(["--ckpt_path", "m", "--layer", "net.layer3"]).options.layer == "net.layer3"
+    assert "where a dataset's shortcuts live" in " ".join(command.build_parser().format_help().split())
+
+
 def test_argument_errors_are_one_line_and_name_the_culprit(tmp_path: Path, fakes: list, capsys) -> None:
     run = _run_dir(tmp_path)
     ckpt = str(run / "checkpoints" / "best.ckpt")

@@ -807,7 +807,7 @@ def index_document(*, model: nn.Module, main: Checkpoint, loaded: Loaded, settin
 def _data_line(datamodule: Any, split: str, images: dict[int, ClassImages]) -> str:
     """One line on the data: the module, its settings, the split and the images analysed."""
     hp = getattr(datamodule, "hparams", {}) or {}
-    shown = ", ".join(f"{k}={v}" for k, v in list(hp.items())[:8] if not isinstance(v, (dict, list)))
+    shown = ", ".join(f"{k}={v}" for k, v in hp.items() if not k.startswith("_") and not isinstance(v, (dict, list)))
     n = sum(len(v.labels) for v in images.values())
     mapped = sum(len(v.labels) for v in images.values() if v.maps is not None)
     return (f"{type(datamodule).__name__}({shown}); {split} split: {n} images of {len(images)} classes "
@@ -827,12 +827,18 @@ class AtlasResult:
     pages: list[Path] = field(default_factory=list)
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse an atlas folder that holds files unless ``overwrite``; then clear its old pages (not its cache)."""
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an atlas folder that already holds files (its cache aside) unless ``overwrite``."""
     held = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name != "cache") if out.is_dir() else []
     if held and not overwrite:
         raise AtlasError(f"--out {out} already holds files ({', '.join(held[:4])}); pass --overwrite to rebuild "
                          "the atlas there (its cache/ is reused)")
+    if out.exists() and not out.is_dir():
+        raise AtlasError(f"--out {out} is a file, not a folder")
+
+
+def _clear_out(out: Path) -> None:
+    """Remove the pages, documents and pictures of an earlier atlas in ``out`` (not its cache, nor other files)."""
     for name in _ATLAS_ENTRIES:
         path = out / name
         if path.is_dir() and not path.is_symlink():
@@ -879,7 +885,7 @@ def build_atlas(argv: Sequence[str]) -> AtlasResult:
                          "(<run>/checkpoints/*.ckpt beside <run>/config.yaml); pass --config")
     out = Path(o.out) if o.out else (run / "atlas" if run is not None else ckpt_path.parent / "atlas")
     if rank_zero:
-        _prepare_out(out, bool(o.overwrite))
+        _check_out(out, bool(o.overwrite))
     loaded = load_config(config, args.overrides)
     module = loaded.module
     model = module.model if isinstance(getattr(module, "model", None), nn.Module) else module
@@ -913,11 +919,13 @@ def build_atlas(argv: Sequence[str]) -> AtlasResult:
     job = Job(main_ckpt, compare_ckpt, compare_label, timeline)
     runner = AtlasRunner(model, job, images, settings, names, out, heldout_accuracy(loaded.datamodule, o.heldout_images),
                          compare_model)
+    if rank_zero:  # before predict starts the other ranks, which write into it
+        _clear_out(out)
     trainer = pl.Trainer(**loaded.trainer, logger=False, enable_checkpointing=False, enable_model_summary=False,
                          inference_mode=False, default_root_dir=str(out), use_distributed_sampler=True)
     trainer.predict(runner, DataLoader(_ClassIds(classes), batch_size=1), return_predictions=False)
-    seconds.update(runner.seconds)
     tick("predict")
+    seconds.update({f"predict/{stage}": t for stage, t in runner.seconds.items()})  # parts of "predict"
     if not trainer.is_global_zero:
         return AtlasResult(out, None, seconds, runner.analysed, runner.cached)
 

@@ -114,8 +114,8 @@ def recording(recorder: CallRecorder) -> Iterator[None]:
     original = command.AtlasRunner.on_predict_start
 
     def on_predict_start(runner: command.AtlasRunner) -> None:
-        for network in (runner.model, runner.compare_model, runner.work):
-            recorder.watch(network)
+        for classifier in (runner.classifier, runner.compare, runner.work):
+            recorder.watch(None if classifier is None else command.network(classifier))
         original(runner)
 
     command.AtlasRunner.on_predict_start = on_predict_start
@@ -183,7 +183,7 @@ def browser_check(out: Path, screenshots: Path) -> tuple[dict[str, Any], float]:
     start = time.perf_counter()
     report = check_site(out, screenshots)
     seconds = time.perf_counter() - start
-    found = {name: list(getattr(report, name)) for name in ("console_errors", "broken_links", "broken_images")}
+    found = {name: list(getattr(report, name)) for name in ("console_errors", "broken_links", "broken_images", "failures")}
     found["pages"] = len(getattr(report, "pages", []) or [])
     return found, seconds
 

@@ -83,9 +83,11 @@ def analyze_class(model, images, labels, maps, class_id, name, settings, class_n
     logits.gather(1, labels[:, None]).sum().backward()
     assert x.grad is not None
     k = settings.n_concepts
+    net = model.model  # the runner hands over the AlignedClassifier (its penalty names the training saliency)
+    assert hasattr(model, "penalties")
     return ClassAnalysis(class_id, name, logits.argmax(1).detach().cpu(), labels.cpu(), maps is not None,
-                         torch.rand(k, 5), k, getattr(model, "certificate", None) is not None, list(settings.epsilons),
-                         float(sum(v.double().sum() for v in model.state_dict().values() if v.is_floating_point())))
+                         torch.rand(k, 5), k, getattr(net, "certificate", None) is not None, list(settings.epsilons),
+                         float(sum(v.double().sum() for v in net.state_dict().values() if v.is_floating_point())))
 
 
 def _concepts(a: ClassAnalysis) -> list[dict[str, Any]]:

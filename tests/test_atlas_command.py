@@ -260,6 +260,17 @@ def test_compare_and_timeline_are_wired_into_the_documents(tmp_path: Path, fakes
     assert result.analysed == 3 * 5  # main, compare, three timeline checkpoints
 
 
+def test_compare_with_a_checkpoint_of_another_architecture(tmp_path: Path, fakes: list) -> None:
+    run = _run_dir(tmp_path)
+    other = _save_checkpoint(tmp_path / "cnn" / "plain.ckpt", arch="cnn", arch_args={"in_channels": 1})
+    result = build_atlas([*_small("--ckpt_path", str(run / "checkpoints" / "best.ckpt"), "--compare", str(other)),
+                          "--classes", "4"])
+    doc = json.loads((result.out / "data" / "class" / "4.json").read_text())
+    weights = torch.load(other, weights_only=False)["state_dict"]
+    expected = float(sum(v.double().sum() for k, v in weights.items() if k.startswith("model.") and v.is_floating_point()))
+    assert doc["compare"]["label"] == "plain" and doc["compare"]["weights_sum"] == pytest.approx(expected)
+
+
 def test_curves_from_tensorboard_and_csv_logs(tmp_path: Path) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
@@ -285,7 +296,7 @@ def test_logs_of_the_run_become_the_index_curves(tmp_path: Path, fakes: list) ->
     run = _run_dir(tmp_path)
     (run / "csv").mkdir()
     (run / "csv" / "metrics.csv").write_text("epoch,step,val/acc\n0,10,0.5\n1,20,0.75\n")
-    result = build_atlas(_small("--ckpt_path", str(run / "checkpoints" / "best.ckpt"), "--classes", "1"))
+    result = build_atlas([*_small("--ckpt_path", str(run / "checkpoints" / "best.ckpt")), "--classes", "1"])
     assert result.index["curves"]["series"] == {"val/acc": [[10.0, 0.5], [20.0, 0.75]]}
 
 

@@ -236,11 +236,18 @@ def read_checkpoint(path: str | Path, label: str | None = None) -> Checkpoint:
                       dict(state.get("hyper_parameters") or {}), weights)
 
 
-def load_weights(model: nn.Module, ckpt: Checkpoint, arch: str | None) -> None:
-    """Load ``ckpt``'s weights into ``model`` (strict); ``AtlasError`` naming the file when they do not fit."""
+def network(classifier: nn.Module) -> nn.Module:
+    """The network inside an ``AlignedClassifier`` (its ``model``), or ``classifier`` itself."""
+    inner = getattr(classifier, "model", None)
+    return inner if isinstance(inner, nn.Module) else classifier
+
+
+def load_weights(classifier: nn.Module, ckpt: Checkpoint, arch: str | None) -> None:
+    """Load ``ckpt``'s weights into the classifier's network (strict); ``AtlasError`` naming the file when they do not fit."""
     trained = ckpt.hparams.get("arch")
     if arch is not None and trained is not None and trained != arch:
         raise AtlasError(f"checkpoint {ckpt.path} is a {trained} model; the configuration builds {arch}")
+    model = network(classifier)
     try:
         model.load_state_dict(ckpt.weights, strict=True)
     except RuntimeError as error:
@@ -613,21 +620,22 @@ class Job:
 class AtlasRunner(pl.LightningModule):
     """Analyses one class per ``predict_step`` and writes its CLASS document and pictures.
 
-    Holds the explained network (``model``), the compared one and a working copy into which
-    each timeline checkpoint's weights are loaded in turn. Gradients are on inside the step
-    (explanations differentiate w.r.t. the input); the weights are frozen.
+    Holds the explained classifier (``classifier``: the ``AlignedClassifier``, whose penalty
+    gives the analysis the saliency it was trained with), the compared one and a working copy
+    into which each timeline checkpoint's weights are loaded in turn. Gradients are on inside
+    the step (explanations differentiate w.r.t. the input); the weights are frozen.
     """
 
-    def __init__(self, model: nn.Module, job: Job, images: dict[int, ClassImages], settings: Any,
+    def __init__(self, classifier: nn.Module, job: Job, images: dict[int, ClassImages], settings: Any,
                  names: list[str], out: Path, heldout: Callable[[nn.Module, torch.device], float | None] | None = None,
-                 compare_model: nn.Module | None = None) -> None:
+                 compare: nn.Module | None = None) -> None:
         super().__init__()
-        self.model = model
-        self.compare_model = compare_model
-        self.work = copy.deepcopy(model) if job.timeline else None
-        for net in (self.model, self.compare_model, self.work):
-            if net is not None:
-                net.requires_grad_(False)
+        self.classifier = classifier
+        self.compare = compare
+        self.work = copy.deepcopy(classifier) if job.timeline else None
+        for module in (self.classifier, self.compare, self.work):
+            if module is not None:
+                module.requires_grad_(False)
         self.job, self.images, self.settings, self.names, self.out = job, images, settings, names, out
         self.cache = AnalysisCache(out / "cache")
         self.heldout_fn = heldout
@@ -641,7 +649,7 @@ class AtlasRunner(pl.LightningModule):
         self.seconds[stage] = self.seconds.get(stage, 0.0) + now - start
         return now
 
-    def analysis(self, net: nn.Module, ckpt: Checkpoint, c: int) -> Any:
+    def analysis(self, classifier: nn.Module, ckpt: Checkpoint, c: int) -> Any:
         """The class's analysis under ``ckpt`` from the cache, else computed and cached."""
         data = self.images[c]
         key = cache_key(ckpt.digest, self.settings, c, data.digest())
@@ -651,16 +659,14 @@ class AtlasRunner(pl.LightningModule):
             self.cached += 1
             self._tick("cache", start)
             return found
-        if net is self.work:
-            net.load_state_dict(ckpt.weights)
+        if classifier is self.work:
+            network(classifier).load_state_dict(ckpt.weights)
         device = self.device
         maps = data.maps.to(device) if data.maps is not None else None
         with torch.enable_grad():
-            result = _analysis_module().analyze_class(net, data.images.to(device), data.labels.to(device), maps, c,
+            result = _analysis_module().analyze_class(classifier, data.images.to(device), data.labels.to(device), maps, c,
                                                       self.names[c], self.settings, self.names)
         start = self._tick("analysis", start)
-        for stage, seconds in (getattr(result, "timings", None) or {}).items():
-            self.seconds[f"analysis/{stage}"] = self.seconds.get(f"analysis/{stage}", 0.0) + float(seconds)
         self.cache.save(key, result)
         self.analysed += 1
         self._tick("cache", start)
@@ -671,12 +677,12 @@ class AtlasRunner(pl.LightningModule):
         analysis = _analysis_module()
         for c in torch.as_tensor(batch).reshape(-1).tolist():
             job = self.job
-            a = self.analysis(self.model, job.main, c)
+            a = self.analysis(self.classifier, job.main, c)
             start = time.perf_counter()
             document = analysis.class_document(a, self.out, f"img/class/{c}")
             self._tick("documents", start)
             if job.compare is not None:
-                b = self.analysis(self.compare_model, job.compare, c)
+                b = self.analysis(self.compare, job.compare, c)
                 start = time.perf_counter()
                 document["compare"] = analysis.compare_section(a, b, job.compare_label, self.out, f"img/compare/class/{c}")
                 self._tick("documents", start)
@@ -697,7 +703,7 @@ class AtlasRunner(pl.LightningModule):
         makes every rank wait until all documents are written."""
         if self.heldout_fn is not None and self.trainer.is_global_zero:
             start = time.perf_counter()
-            self.heldout = self.heldout_fn(self.model, self.device)
+            self.heldout = self.heldout_fn(self.classifier, self.device)
             self._tick("heldout", start)
         counts = torch.tensor([self.analysed, self.cached], dtype=torch.long, device=self.device)
         self.analysed, self.cached = (int(n) for n in self.trainer.strategy.reduce(counts, reduce_op="sum").tolist())
@@ -888,20 +894,19 @@ def build_atlas(argv: Sequence[str]) -> AtlasResult:
         _check_out(out, bool(o.overwrite))
     loaded = load_config(config, args.overrides)
     module = loaded.module
-    model = module.model if isinstance(getattr(module, "model", None), nn.Module) else module
     arch = getattr(module, "hparams", {}).get("arch")
-    load_weights(model, main_ckpt, arch)
-    model.eval()
-    compare_model, compare_label = None, None
+    load_weights(module, main_ckpt, arch)
+    module.eval()
+    compare, compare_label = None, None
     if o.compare:
         compare_ckpt = read_checkpoint(o.compare)
         compare_label = o.compare_label or compare_ckpt.label
-        compare_model = _model_for(compare_ckpt, model, module)
+        compare = _classifier_for(compare_ckpt, module)
     else:
         compare_ckpt = None
     timeline = timeline_checkpoints(o.timeline) if o.timeline else []
     for ckpt in timeline:  # fail now on a checkpoint of another model, not after hours of analysis
-        load_weights(copy.deepcopy(model), ckpt, arch)
+        load_weights(copy.deepcopy(network(module)), ckpt, arch)
     settings = _make_settings(o, loaded.concept_defaults)
     tick("load")
 
@@ -917,8 +922,8 @@ def build_atlas(argv: Sequence[str]) -> AtlasResult:
     tick("images")
 
     job = Job(main_ckpt, compare_ckpt, compare_label, timeline)
-    runner = AtlasRunner(model, job, images, settings, names, out, heldout_accuracy(loaded.datamodule, o.heldout_images),
-                         compare_model)
+    runner = AtlasRunner(module, job, images, settings, names, out, heldout_accuracy(loaded.datamodule, o.heldout_images),
+                         compare)
     if rank_zero:  # before predict starts the other ranks, which write into it
         _clear_out(out)
     trainer = pl.Trainer(**loaded.trainer, logger=False, enable_checkpointing=False, enable_model_summary=False,
@@ -932,7 +937,7 @@ def build_atlas(argv: Sequence[str]) -> AtlasResult:
     documents = [json.loads((out / "data" / "class" / f"{c}.json").read_text()) for c in classes]
     logs = Path(o.logs) if o.logs else run
     curves = read_curves(logs) if logs is not None else None
-    index = index_document(model=model, main=main_ckpt, loaded=loaded, settings=settings, documents=documents,
+    index = index_document(model=network(module), main=main_ckpt, loaded=loaded, settings=settings, documents=documents,
                            split=split, data_line=_data_line(loaded.datamodule, split, images), heldout=runner.heldout,
                            curves=curves, compare=compare_ckpt, compare_label=compare_label, timeline=timeline)
     validate(index, "data/atlas.json")
@@ -943,24 +948,20 @@ def build_atlas(argv: Sequence[str]) -> AtlasResult:
     return AtlasResult(out, index, seconds, runner.analysed, runner.cached, list(pages or []))
 
 
-def _model_for(ckpt: Checkpoint, model: nn.Module, module: Any) -> nn.Module:
-    """A network for ``ckpt``: a copy of ``model`` when it was trained with the same architecture,
-    else one built from the checkpoint's own ``arch``/``arch_args``."""
+def _classifier_for(ckpt: Checkpoint, module: nn.Module) -> nn.Module:
+    """A classifier for ``ckpt``: a copy of ``module`` when it was trained with the same
+    architecture, else the checkpoint's own (Lightning rebuilds it from its hyperparameters)."""
     hp = getattr(module, "hparams", {})
-    same = all(ckpt.hparams.get(k, hp.get(k)) == hp.get(k) for k in ("arch", "arch_args", "num_classes"))
-    if same:
-        net = copy.deepcopy(model)
-        load_weights(net, ckpt, hp.get("arch"))
-    else:
-        from harmonia.models import build_model  # noqa: PLC0415
-
-        try:
-            net = build_model(ckpt.hparams["arch"], num_classes=ckpt.hparams.get("num_classes", hp.get("num_classes")),
-                              **(ckpt.hparams.get("arch_args") or {}))
-        except Exception as error:  # noqa: BLE001 - any failure to rebuild is the checkpoint's problem
-            raise AtlasError(f"checkpoint {ckpt.path}: cannot build its model {ckpt.hparams.get('arch')!r}: {error}") from None
-        load_weights(net, ckpt, ckpt.hparams.get("arch"))
-    return net.eval()
+    if all(ckpt.hparams.get(k, hp.get(k)) == hp.get(k) for k in ("arch", "arch_args", "num_classes")):
+        classifier = copy.deepcopy(module)
+        load_weights(classifier, ckpt, hp.get("arch"))
+        return classifier.eval()
+    try:
+        classifier = type(module).load_from_checkpoint(str(ckpt.path), map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - any failure to rebuild is the checkpoint's problem
+        raise AtlasError(f"checkpoint {ckpt.path}: cannot rebuild its {ckpt.hparams.get('arch')!r} model: "
+                         f"{type(error).__name__}: {' '.join(str(error).split())[:300]}") from None
+    return classifier.eval()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -226,6 +226,11 @@ def test_a_rerun_with_the_same_inputs_reuses_the_cache(tmp_path: Path, fakes: li
     assert cache_key("a", settings, 1, "i") != cache_key("b", settings, 1, "i") != cache_key("a", settings, 2, "i")
     assert cache_key("a", settings, 1, "i") != cache_key("a", settings, 1, "j")
     assert cache_key("a", settings, 1, "i") == cache_key("a", atlas_fakes.AtlasSettings(), 1, "i")
+    assert cache_key("a", settings, 1, "i", "penalty A") != cache_key("a", settings, 1, "i", "penalty B")
+    assert cache_key("a", settings, 1, "i", names=["x", "y"]) != cache_key("a", settings, 1, "i", names=["x", "z"])
+    plain = AlignedClassifier(arch_args=TINY_ARCH)
+    assert command.hparams_digest(plain) == command.hparams_digest(AlignedClassifier(arch_args=TINY_ARCH))
+    assert command.hparams_digest(plain) != command.hparams_digest(AlignedClassifier(arch_args=TINY_ARCH, penalties=[]))
 
 
 def test_compare_and_timeline_are_wired_into_the_documents(tmp_path: Path, fakes: list) -> None:

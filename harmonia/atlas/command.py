@@ -120,10 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logs", default=None, metavar="DIR",
                    help="Where the run's logs are (TensorBoard event files, CSV logger metrics.csv) for the training "
                         "curves; default: the checkpoint's run directory. W&B offline runs are not read.")
-    p.add_argument("--classes", nargs="+", type=int, default=None, help="Class ids to analyse (default: every class).")
-    p.add_argument("--images-per-class", "--images_per_class", dest="images_per_class", type=int, default=None,
+    p.add_argument("--classes", nargs="+", type=int, default=None, metavar="ID", help="Class ids to analyse (default: every class).")
+    p.add_argument("--images-per-class", "--images_per_class", dest="images_per_class", type=int, default=None, metavar="N",
                    help="Images analysed per class (default: the analysis settings' default).")
-    p.add_argument("--concepts", "--n_concepts", dest="n_concepts", type=int, default=None,
+    p.add_argument("--concepts", "--n_concepts", dest="n_concepts", type=int, default=None, metavar="K",
                    help="Concepts per class (default: the config's ConceptMonitor n_concepts, else the analysis default).")
     p.add_argument("--split", choices=SPLITS, default="train",
                    help="Split the images come from (default: train, where a dataset's shortcuts live: a model that "
@@ -545,11 +545,20 @@ def settings_dict(settings: Any) -> dict[str, Any]:
     return _jsonable(dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else dict(vars(settings)))
 
 
-def cache_key(checkpoint_digest: str, settings: Any, class_id: int, images_digest: str) -> str:
-    """The cache key of one class's analysis: checkpoint content, settings, class, images, versions."""
+def cache_key(checkpoint_digest: str, settings: Any, class_id: int, images_digest: str, model: str = "",
+              names: Sequence[str] = ()) -> str:
+    """The cache key of one class's analysis: checkpoint content, settings, class, images, versions,
+    and the classifier's hyperparameters (``model``: its penalty's saliency is analysed) and class names."""
     payload = {"cache": CACHE_VERSION, "schema": SCHEMA_VERSION, "checkpoint": checkpoint_digest,
-               "settings": settings_dict(settings), "class": int(class_id), "images": images_digest}
+               "settings": settings_dict(settings), "class": int(class_id), "images": images_digest, "model": model,
+               "names": list(names)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def hparams_digest(classifier: nn.Module) -> str:
+    """SHA-256 of a classifier's hyperparameters (architecture, objective, penalties) as JSON."""
+    hparams = {k: v for k, v in dict(getattr(classifier, "hparams", {}) or {}).items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(_jsonable(hparams), sort_keys=True).encode()).hexdigest()
 
 
 class AnalysisCache:
@@ -652,7 +661,7 @@ class AtlasRunner(pl.LightningModule):
     def analysis(self, classifier: nn.Module, ckpt: Checkpoint, c: int) -> Any:
         """The class's analysis under ``ckpt`` from the cache, else computed and cached."""
         data = self.images[c]
-        key = cache_key(ckpt.digest, self.settings, c, data.digest())
+        key = cache_key(ckpt.digest, self.settings, c, data.digest(), hparams_digest(classifier), self.names)
         start = time.perf_counter()
         found = self.cache.load(key)
         if found is not None:
@@ -949,18 +958,18 @@ def build_atlas(argv: Sequence[str]) -> AtlasResult:
 
 
 def _classifier_for(ckpt: Checkpoint, module: nn.Module) -> nn.Module:
-    """A classifier for ``ckpt``: a copy of ``module`` when it was trained with the same
-    architecture, else the checkpoint's own (Lightning rebuilds it from its hyperparameters)."""
+    """The classifier of a compared checkpoint as it was trained (Lightning rebuilds it from its
+    hyperparameters: its own penalty gives its training saliency); when that fails (e.g. weights
+    it would download) and the architecture is ``module``'s, a copy of ``module`` with its weights."""
     hp = getattr(module, "hparams", {})
-    if all(ckpt.hparams.get(k, hp.get(k)) == hp.get(k) for k in ("arch", "arch_args", "num_classes")):
-        classifier = copy.deepcopy(module)
-        load_weights(classifier, ckpt, hp.get("arch"))
-        return classifier.eval()
     try:
-        classifier = type(module).load_from_checkpoint(str(ckpt.path), map_location="cpu", weights_only=False)
+        return type(module).load_from_checkpoint(str(ckpt.path), map_location="cpu", weights_only=False).eval()
     except Exception as error:  # noqa: BLE001 - any failure to rebuild is the checkpoint's problem
-        raise AtlasError(f"checkpoint {ckpt.path}: cannot rebuild its {ckpt.hparams.get('arch')!r} model: "
-                         f"{type(error).__name__}: {' '.join(str(error).split())[:300]}") from None
+        if not all(ckpt.hparams.get(k, hp.get(k)) == hp.get(k) for k in ("arch", "arch_args", "num_classes")):
+            raise AtlasError(f"checkpoint {ckpt.path}: cannot rebuild its {ckpt.hparams.get('arch')!r} model: "
+                             f"{type(error).__name__}: {' '.join(str(error).split())[:300]}") from None
+    classifier = copy.deepcopy(module)
+    load_weights(classifier, ckpt, hp.get("arch"))
     return classifier.eval()
 
 

@@ -874,6 +874,15 @@ def _make_settings(options: argparse.Namespace, defaults: dict[str, Any]) -> Any
     return cls(**values)
 
 
+def _classes(given: list[int] | None, num_classes: int, ckpt: Checkpoint) -> list[int]:
+    """The classes to analyse (default: all), each checked against the model's classes."""
+    classes = list(dict.fromkeys(given)) if given else list(range(num_classes))
+    for c in classes:
+        if not 0 <= c < num_classes:
+            raise AtlasError(f"class {c} is not a class of {ckpt.path} (its classes are 0..{num_classes - 1})")
+    return classes
+
+
 def build_atlas(argv: Sequence[str]) -> AtlasResult:
     """Run ``harmonia atlas`` with ``argv`` (no program name); ``AtlasError`` on bad input."""
     start = time.perf_counter()
@@ -901,6 +910,8 @@ def build_atlas(argv: Sequence[str]) -> AtlasResult:
     out = Path(o.out) if o.out else (run / "atlas" if run is not None else ckpt_path.parent / "atlas")
     if rank_zero:
         _check_out(out, bool(o.overwrite))
+    if main_ckpt.hparams.get("num_classes"):  # fail before the configuration is built
+        _classes(o.classes, int(main_ckpt.hparams["num_classes"]), main_ckpt)
     loaded = load_config(config, args.overrides)
     module = loaded.module
     arch = getattr(module, "hparams", {}).get("arch")
@@ -920,10 +931,7 @@ def build_atlas(argv: Sequence[str]) -> AtlasResult:
     tick("load")
 
     num_classes = int(getattr(module, "hparams", {}).get("num_classes") or main_ckpt.hparams.get("num_classes") or 0)
-    classes = list(dict.fromkeys(o.classes)) if o.classes else list(range(num_classes))
-    for c in classes:
-        if not 0 <= c < num_classes:
-            raise AtlasError(f"class {c} is not a class of {main_ckpt.path} (its classes are 0..{num_classes - 1})")
+    classes = _classes(o.classes, num_classes, main_ckpt)
     split = getattr(settings, "split", o.split)
     per_class = int(getattr(settings, "images_per_class", o.images_per_class or 20))
     images = select_images(loaded.datamodule, split, classes, per_class)

@@ -14,7 +14,8 @@
    by a global forward hook (input shape, dtype, and whether a backward reached its output); the
    same calls are then replayed on random inputs of those shapes, in order, in a tight loop (a
    forward, and an input-gradient backward where the atlas did one), and timed. That is the model
-   compute any atlas of these classes must run; ``atlas_over_floor = atlas_seconds / floor``.
+   compute any atlas of these classes must run; ``atlas_over_floor = atlas_seconds / floor``
+   (the hook's own cost, a set lookup per module call, is inside ``atlas_seconds``).
 4. **Shortcut flags**: the baseline's atlas of the same classes; ``flagged_classes_*`` count the
    classes whose page flags an important, mostly off-map concept.
 5. **Browser**: ``browser_errors`` = console errors + broken links + broken images that

@@ -1,4 +1,4 @@
-"""The ``harmonia`` command: LightningCLI (``fit``/``validate``/``test``/``predict``) + ``models``, ``convert``.
+"""The ``harmonia`` command: LightningCLI (``fit``/``validate``/``test``/``predict``) + ``models``, ``convert``, ``atlas``.
 
     harmonia fit --config configs/digits.yaml [--trainer.max_epochs 5]   # a new run directory
     harmonia fit --config configs/digits.yaml --ckpt_path last           # resume the latest run
@@ -7,6 +7,7 @@
     harmonia models                                                      # registered architectures
     harmonia models 'timm/*vit*'                                         # ... matching a pattern
     harmonia convert SOURCE OUT                                          # folder / ClickMe records → tar shards
+    harmonia atlas --ckpt_path runs/digits/latest/checkpoints/best.ckpt  # explanation atlas (static site)
 
 Run directories. Every ``fit`` writes into a directory of its own,
 ``<trainer.default_root_dir>/<config name>/<YYYY-mm-dd_HH-MM-SS>/`` (default root ``runs``; config
@@ -73,7 +74,9 @@ _RUN_DIR_ENV = "HARMONIA_RUN_DIR"  # hands rank zero's run directory to the DDP 
 OTHER_COMMANDS = """other commands:
   models [PATTERN]      list the registered architectures (shell-style PATTERN, e.g. 'timm/*vit*')
   convert SOURCE OUT    convert a folder with index.csv or ClickMe TFRecords into tar shards
-                        (harmonia convert --help)"""
+                        (harmonia convert --help)
+  atlas --ckpt_path CKPT
+                        the explanation atlas of a checkpoint, a static site (harmonia atlas --help)"""
 
 
 # ----------------------------------------------------------------------------- config errors
@@ -710,6 +713,12 @@ def main() -> None:
         from harmonia.data.convert import main as convert_main
 
         convert_main(sys.argv[2:])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "atlas":
+        from harmonia.atlas.command import main as atlas_main
+
+        retain_freed_memory()
+        atlas_main(sys.argv[2:])
         return
     retain_freed_memory()  # before the first large allocation; see harmonia/allocator.py
     cli_main()

@@ -94,7 +94,7 @@ def _concepts(a: ClassAnalysis) -> list[dict[str, Any]]:
     shares = [1.0 / a.n_concepts] * a.n_concepts
     return [{"id": j, "importance": shares[j], "sobol": shares[j], "off_map_share": 0.8 if a.has_maps else None,
              "flagged": a.class_id == 0 and j == 0, "color": "#1f77b4", "picture": None, "crops": [], "tint": [],
-             "n_top_images": 1, "classes": [{"id": a.class_id, "name": a.name, "cosine": 1.0}]} for j in range(a.n_concepts)]
+             "n_top_images": 1, "classes": [{"id": a.class_id, "name": a.name, "effect": 1.0}]} for j in range(a.n_concepts)]
 
 
 def _accuracy(a: ClassAnalysis) -> float:

@@ -55,7 +55,7 @@ def _concepts(out: Path, image_dir: str, cid: int, seed: int, flagged: list[int]
             "crops": [_png(out, f"{base}_crop_{i}.png", seed + 100 * j + i, size=24) for i in range(N_CROPS)],
             "tint": [_png(out, f"{base}_tint_{i}.png", seed + 1000 + 10 * j + i) for i in range(N_TINT)],
             "n_top_images": max(N_POINTS // (j + 1) - 2, 0),
-            "classes": [{"id": c, "name": n, "cosine": round(0.9 - 0.2 * i - 0.05 * j, 3)} for i, (c, n) in enumerate(others)],
+            "classes": [{"id": c, "name": n, "effect": round(0.9 - 0.2 * i - 0.05 * j, 3)} for i, (c, n) in enumerate(others)],
         })
     return concepts
 

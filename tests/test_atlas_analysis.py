@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from harmonia.concepts import Craft
+
 from harmonia.atlas.analysis import (
     AtlasSettings,
     ClassAnalysis,
@@ -179,7 +181,7 @@ def test_toy_model_end_to_end_with_maco(tmp_path: Path):
     assert a.per_image.shape == (6, k) and a.top_concept.shape == (6,) and int(a.n_top_images.sum()) == 6
     assert a.profile.shape == (k, 6 * 9)  # 16-px images, patch 6, stride 4: 3×3 crops each
     assert a.pictures is not None and a.pictures.shape[0] == k
-    assert a.class_cosine.shape == (k, 3) and a.proximity.shape == (k, k)
+    assert a.class_effect.shape == (k, 3) and a.proximity.shape == (k, k)
     assert a.off_map is not None and ((a.off_map >= 0) & (a.off_map <= 1)).all()
     assert a.embedding_method == "pca" and a.embedding.shape == (6, 2)
     assert a.certified is None  # a plain conv net carries no certificate
@@ -196,16 +198,19 @@ def test_toy_model_end_to_end_with_maco(tmp_path: Path):
     assert document["alignment"] is not None and all(s["human"] for s in document["saliency"])
 
 
-def test_the_class_directions_of_a_linear_head_are_its_weights():
-    """Layer feeding a linear head through a spatial mean: the direction is the weight row."""
+def test_class_effects_of_a_linear_head_are_presence_times_head_alignment():
+    """Layer feeding a linear head through a spatial mean: removing concept j lowers logit m by mean(u_j)·⟨W_j, w_m⟩."""
     torch.manual_seed(0)
     head = nn.Linear(4, 3)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head).eval()
-    from harmonia.atlas.analysis import class_directions
-
-    directions = class_directions(model, 1, torch.rand(5, 1, 8, 8))
-    # d logit / d mean = weight row; the gradient w.r.t. the mean is the sum of the per-position gradients
-    assert torch.allclose(directions, head.weight.detach(), atol=1e-5)
+    images = torch.rand(6, 1, 8, 8)
+    craft = Craft(model, layer=1, n_concepts=2, patch_size=4)
+    bank = craft.fit(images, 0, importance=False)
+    effects = craft.class_effects(bank, images)  # (N, k, classes)
+    u = craft.transform(bank, images)  # (N, h, w, k)
+    expected = u.mean((1, 2))[:, :, None] * (bank.components @ head.weight.detach().T)[None]
+    assert effects.shape == (6, 2, 3)
+    assert torch.allclose(effects, expected, atol=1e-5)
 
 
 def test_no_maps_gives_nulls_and_certified_model_gives_radii(tmp_path: Path):

@@ -52,3 +52,11 @@ def test_corruption_and_other_files_are_named(run_file, tmp_path):
     other.write_bytes(b"not a run")
     with pytest.raises(ValueError, match=r"other\.wandb: not a W&B run log"):
         records(other)
+
+
+def test_the_atlas_reads_the_curves_of_a_wandb_run(run_file):
+    from harmonia.atlas.command import read_curves
+
+    curves = read_curves(run_file.parent.parent)
+    assert curves is not None and "W&B" in curves["source"]
+    assert curves["series"]["val/acc"][1] == [1000.0, pytest.approx(1 / 3)]

@@ -12,10 +12,14 @@ second copy of them):
 - per concept: its MACO picture (:func:`harmonia.visualize.concept_pictures`, drawn on the
   class's own spectrum, :meth:`Spectrum.from_images`), top crops (:meth:`ConceptBank.top_crops`),
   where it sits (:meth:`Craft.attribution_maps` tinted by
-  :func:`harmonia.concepts.attribution_overlay`), and the classes it drives most: the cosine
-  between the concept vector and each class's direction at the concept layer, the gradient of
-  that class's logit with respect to the layer's spatially averaged activations, averaged over
-  the class's images (the head's weight row when the layer feeds a linear head, as in LENS);
+  :func:`harmonia.concepts.attribution_overlay`), and the classes it drives most: how much
+  each class logit drops when the concept is removed from the images' reconstructed
+  activations (:meth:`Craft.class_effects`, mean over the class's images). LENS ranks classes
+  by the cosine of the concept with their head weights, which only means something on the layer
+  that feeds the head; the removal effect equals the presence-weighted head alignment there and
+  stays meaningful at any layer. (A cosine with each logit's gradient was tried: NMF concepts
+  are non-negative, so it ranked the classes whose gradient has the largest positive mean first
+  for every concept of every class.);
 - shortcut flags: the share of a concept's attribution mass (summed over the class's mapped
   images) on pixels *outside* the human map (map value < ``map_threshold`` × the image's map
   maximum); a concept with ``importance ≥ flag_importance`` and ``off-map share ≥
@@ -190,7 +194,7 @@ class ClassAnalysis:
     top_crops: Tensor  # (k, n, C, p, p)
     pictures: Tensor | None  # (k, C, H, W) MACO pictures; None when MACO is off
     tint_maps: Tensor  # (t, k, H, W) attribution maps of the first t images
-    class_cosine: Tensor  # (k, K) cosine of each concept with each class's direction
+    class_effect: Tensor  # (k, K) mean rise of each class logit due to each concept (Craft.class_effects)
     off_map: Tensor | None  # (k,) off-map share of each concept's attribution mass
     flagged: Tensor  # (k,) bool
     proximity: Tensor  # (k, k) cosine between concept vectors
@@ -286,32 +290,6 @@ def embed(vectors: Tensor, seed: int = 0, tsne_min_images: int = 20) -> tuple[Te
     # Centre the shorter axis in the unit square.
     points = points + (1 - points.max(0, keepdims=True)) / 2
     return torch.from_numpy(points).float(), method
-
-
-def class_directions(model: nn.Module, layer: int | str, images: Tensor, batch_size: int = 256) -> Tensor:
-    """``(K, channels)``: each class logit's gradient w.r.t. the layer's spatially averaged activations, mean over ``images``.
-
-    The gradient with respect to the spatial mean is the sum of the per-position gradients (a
-    shift of the mean shifts every position alike). For a layer that feeds a linear head this
-    is the head's weight row.
-    """
-    split = LayerSplit(model, layer)  # the split Craft makes
-    total: Tensor | None = None
-    device = next((p.device for p in model.parameters()), images.device)
-    with gradients_on():
-        for start in range(0, len(images), batch_size):
-            x = images[start : start + batch_size].to(device).clone()
-            acts = split.activations(x).detach().requires_grad_(True)
-            logits = split.logits(acts, x if split.needs_input else None)
-            rows = []
-            for c in range(logits.shape[1]):
-                (grad,) = torch.autograd.grad(logits[:, c].sum(), acts, retain_graph=c + 1 < logits.shape[1])
-                rows.append(grad.flatten(2).sum(-1).sum(0) if grad.ndim > 2 else grad.sum(0))
-            part = torch.stack(rows).detach()
-            total = part if total is None else total + part
-    if total is None:
-        raise ValueError("class_directions needs at least one image")
-    return (total / len(images)).cpu()
 
 
 def contribution_maps(craft: Craft, bank: ConceptBank, images: Tensor) -> Tensor:
@@ -434,9 +412,10 @@ def analyze_class(
             pictures = concept_pictures(net, settings.layer, bank, spectrum,
                                         seed=[objective_seed(settings.seed, j) for j in range(k)], **maco).cpu()
 
-        directions = class_directions(net, settings.layer, x, settings.batch_size)
         components = bank.components.detach().float().cpu()
-        class_cosine = _cosine(components, directions).float()
+        # (k, classes): how much removing each concept lowers every logit, mean over the images
+        class_effect = torch.cat([craft.class_effects(bank, x[s : s + settings.batch_size]).cpu()
+                                  for s in range(0, len(x), settings.batch_size)]).mean(0)
 
         with torch.no_grad():
             logits = torch.cat([net(x[s : s + settings.batch_size]).float().cpu() for s in range(0, len(x), settings.batch_size)])
@@ -471,7 +450,7 @@ def analyze_class(
         components=components, profile=bank.coefficients.detach().float().T.cpu().contiguous(),
         sobol=sobol, importance=share, per_image=per_image, top_concept=top, n_top_images=n_top, n_important=n_important,
         reconstruction_error=float(bank.reconstruction_error), top_crops=bank.top_crops(settings.top_crops).float().cpu(),
-        pictures=pictures, tint_maps=attributions[: settings.tint_images].clone(), class_cosine=class_cosine,
+        pictures=pictures, tint_maps=attributions[: settings.tint_images].clone(), class_effect=class_effect,
         off_map=off, flagged=flagged, proximity=_cosine(components, components).float(),
         embedding=embedding, embedding_method=method, saliency=saliency[: settings.saliency_images].clone(),
         alignment=alignment, certified=certified,
@@ -544,14 +523,14 @@ def _concept_documents(a: ClassAnalysis, out: Path, image_dir: str) -> list[dict
             for i in range(shown):
                 tile = grid[:, i * side : (i + 1) * side, side : 2 * side]
                 tint.append(_write(tile, out, f"{image_dir}/concept_{j}_tint_{i}.png"))
-        cosine = a.class_cosine[j]
-        best = cosine.argsort(descending=True)[:top_n].tolist()
+        effect = a.class_effect[j]
+        best = [c for c in effect.argsort(descending=True)[:top_n].tolist() if effect[c] > 0]
         off = None if a.off_map is None else float(a.off_map[j])
         concepts.append({
             "id": j, "importance": float(a.importance[j]), "sobol": float(a.sobol[j]), "off_map_share": off,
             "flagged": bool(a.flagged[j]), "color": _hex(j), "picture": picture, "crops": crops, "tint": tint,
             "n_top_images": int(a.n_top_images[j]),
-            "classes": [{"id": int(c), "name": names[c] if c < len(names) else str(c), "cosine": float(cosine[c])} for c in best],
+            "classes": [{"id": int(c), "name": names[c] if c < len(names) else str(c), "effect": float(effect[c])} for c in best],
         })
     return concepts
 

@@ -26,9 +26,8 @@ Analyses are kept in ``<out>/cache/<key>.pt``; the key hashes the checkpoint's c
 analysis settings, the class, its images and the document schema, so a re-run with the same
 inputs (``--overwrite`` to rebuild an existing atlas) analyses nothing again.
 
-Training curves come from TensorBoard event files and CSV loggers' ``metrics.csv`` under
-``--logs``. W&B offline runs are not read: the installed wandb keeps its reader of the
-``run-*.wandb`` log inside its ``wandb-core`` binary, with no Python API to read it offline.
+Training curves come from TensorBoard event files, CSV loggers' ``metrics.csv`` and offline W&B
+runs (``run-*.wandb``, :mod:`harmonia.atlas.wandb_log`) under ``--logs``.
 """
 
 from __future__ import annotations
@@ -58,6 +57,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from harmonia.atlas.wandb_log import read_history
 from harmonia.atlas.schema import SCHEMA_VERSION, validate
 from harmonia.callbacks.probe import as_sample, first_of_each_class, is_stream
 from harmonia.data.sample import Sample, collate_samples
@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="A folder of checkpoints (every *.ckpt, ordered by the epoch and step saved in them): each "
                         "class's concepts followed across them.")
     p.add_argument("--logs", default=None, metavar="DIR",
-                   help="Where the run's logs are (TensorBoard event files, CSV logger metrics.csv) for the training "
-                        "curves; default: the checkpoint's run directory. W&B offline runs are not read.")
+                   help="Where the run's logs are (TensorBoard event files, CSV logger metrics.csv, offline W&B runs) "
+                        "for the training curves; default: the checkpoint's run directory.")
     p.add_argument("--classes", nargs="+", type=int, default=None, metavar="ID", help="Class ids to analyse (default: every class).")
     p.add_argument("--images-per-class", "--images_per_class", dest="images_per_class", type=int, default=None, metavar="N",
                    help="Images analysed per class (default: the analysis settings' default).")
@@ -480,8 +480,8 @@ def _finite(value: Any) -> float | None:
 
 
 def read_curves(logs: Path) -> dict[str, Any] | None:
-    """Scalar series ``{name: [[step, value], ...]}`` from TensorBoard event files and CSV loggers'
-    ``metrics.csv`` under ``logs`` (``None`` if none is found); the first source of a name wins."""
+    """Scalar series ``{name: [[step, value], ...]}`` from TensorBoard event files, CSV loggers'
+    ``metrics.csv`` and offline W&B runs under ``logs`` (``None`` if none is found)."""
     if not logs.is_dir():
         return None
     series: dict[str, dict[float, float]] = {}
@@ -525,10 +525,18 @@ def read_curves(logs: Path) -> dict[str, Any] | None:
             continue
         if found:
             sources.append(f"CSV {path}")
+    for path in sorted(logs.rglob("run-*.wandb")):
+        found = False
+        try:
+            for name, points in read_history(path).items():
+                for step, value in points:
+                    found |= add(name, step, value)
+        except (OSError, ValueError) as error:
+            rank_zero_warn(f"harmonia atlas: cannot read W&B run {path}: {error}")
+            continue
+        if found:
+            sources.append(f"W&B {path.parent}")
     if not series:
-        if list(logs.rglob("*.wandb")):
-            rank_zero_info(f"harmonia atlas: {logs} has W&B offline logs only, which cannot be read without wandb's "
-                           "server; add a CSVLogger or TensorBoardLogger to the config to get curves in the atlas")
         return None
     return {"source": "; ".join(sources),
             "series": {name: [[s, v] for s, v in sorted(points.items())] for name, points in sorted(series.items())}}

@@ -53,10 +53,10 @@ _concept = {
         "crops": {"type": "array", "items": _path},  # top-activating crops, best first
         "tint": {"type": "array", "items": _path},  # the concept's attribution tinted on class images
         "n_top_images": {"type": "integer", "minimum": 0},  # images whose top concept this is
-        "classes": {  # classes whose head weights align most with the concept (cosine), best first
+        "classes": {  # classes whose logit the concept raises most (removal effect, > 0), best first
             "type": "array",
-            "items": {"type": "object", "required": ["id", "name", "cosine"],
-                      "properties": {"id": {"type": "integer"}, "name": {"type": "string"}, "cosine": _number}},
+            "items": {"type": "object", "required": ["id", "name", "effect"],
+                      "properties": {"id": {"type": "integer"}, "name": {"type": "string"}, "effect": _number}},
         },
     },
 }

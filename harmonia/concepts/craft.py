@@ -274,6 +274,43 @@ class Craft:
                 out.append(jansen_total_order(scores.view(c, rows).T.float(), self.nb_design).T)
         return torch.cat(out)
 
+    def class_effects(self, bank: ConceptBank, images: Tensor) -> Tensor:
+        """How much each concept raises every class logit in each image: ``(N, k, classes)``.
+
+        ``h(U W) − h(U₋ⱼ W)``: the logits of the image's reconstructed activations minus those
+        with concept ``j`` removed (its coefficients set to 0, the masking :meth:`importance`
+        uses). With a linear head right after the concept layer this is ``uⱼ · ⟨Wⱼ, w_class⟩``,
+        the head-weight alignment LENS shows, weighted by how present the concept is.
+        """
+        k = bank.n_concepts
+        masks = torch.ones(k + 1, k, device=self.device)
+        masks[1:].fill_diagonal_(0.0)  # row 0: every concept; row j + 1: all but concept j
+        u = self.transform(bank, images)  # (N, *S, k)
+        spatial = u.shape[1:-1]
+        w = bank.components.to(self.device, u.dtype)
+        blank = self.blank_activations(tuple(images.shape[1:]))
+        rows = k + 1
+        per_chunk = max(1, self.batch_size // rows)
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(u), per_chunk):
+                chunk = u[start : start + per_chunk]
+                c = len(chunk)
+                masked = chunk[:, None] * masks.view(1, rows, *[1] * len(spatial), k).to(u.dtype)
+                acts = (masked @ w).movedim(-1, 2).reshape(c * rows, w.shape[1], *spatial)
+                if blank is not None:
+                    acts = acts + blank.to(acts.dtype)
+                inputs = None
+                if self.split.needs_input:
+                    x = images[start : start + c].to(self.device)
+                    inputs = x[:, None].expand(c, rows, *x.shape[1:]).reshape(c * rows, *x.shape[1:])
+                logits = torch.cat([
+                    self.split.logits(acts[s : s + self.batch_size], None if inputs is None else inputs[s : s + self.batch_size])
+                    for s in range(0, len(acts), self.batch_size)
+                ]).float().view(c, rows, -1)
+                out.append(logits[:, :1] - logits[:, 1:])
+        return torch.cat(out)
+
     def attribution_maps(self, bank: ConceptBank, images: Tensor) -> Tensor:
         """Where each concept is in each image: ``(N, k, H, W)`` ≥ 0.
 

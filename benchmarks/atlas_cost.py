@@ -16,8 +16,11 @@
    forward, and an input-gradient backward where the atlas did one), and timed. That is the model
    compute any atlas of these classes must run; ``atlas_over_floor = atlas_seconds / floor``
    (the hook's own cost, a set lookup per module call, is inside ``atlas_seconds``).
-4. **Shortcut flags**: the baseline's atlas of the same classes; ``flagged_classes_*`` count the
-   classes whose page flags an important, mostly off-map concept.
+4. **Shortcut flags**: the baseline's atlas of the same classes (without MACO pictures, which
+   change no number); ``flagged_classes_*`` count the classes whose page flags an important,
+   mostly off-map concept. ``--cnn_pair`` adds the plain-CNN pair, which leans on the decoy far
+   more. Ground truth beside them: ``decoy_dependent_*``, the classes whose training accuracy
+   falls by ≥ 10 points when the decoy square is repainted in a random shade.
 5. **Browser**: ``browser_errors`` = console errors + broken links + broken images that
    ``harmonia.atlas.browser.check_site`` finds in the harmonized atlas.
 
@@ -152,15 +155,16 @@ def replay(calls: list[Call], device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------- the atlases
-def atlas_args(ckpt: Path, config: Path, out: Path, args: argparse.Namespace) -> list[str]:
-    """The ``harmonia atlas`` command line of one atlas."""
+def atlas_args(ckpt: Path, config: Path, out: Path, args: argparse.Namespace, maco: bool = True) -> list[str]:
+    """The ``harmonia atlas`` command line of one atlas (``maco=False`` for atlases read only for
+    their flags: MACO draws pictures, it changes no number)."""
     argv = ["--ckpt_path", str(ckpt), "--config", str(config), "--out", str(out), "--overwrite",
             "--classes", *map(str, args.classes), "--trainer.accelerator", args.accelerator, "--trainer.devices", "1"]
     if args.images_per_class:
         argv += ["--images-per-class", str(args.images_per_class)]
     if args.concepts:
         argv += ["--concepts", str(args.concepts)]
-    if args.no_maco:
+    if args.no_maco or not maco:
         argv += ["--no-maco"]
     return argv
 
@@ -175,6 +179,30 @@ def fresh(folder: Path) -> Path:
 def flagged_classes(index: dict[str, Any]) -> int:
     """Classes with at least one flagged concept."""
     return len({flag["class"] for flag in index["flags"]})
+
+
+def decoy_dependent_classes(ckpt: Path, drop: float = 0.10, draws: int = 3) -> dict[str, Any]:
+    """The ground truth the flags should find: classes whose training accuracy falls by ≥ ``drop``
+    when the decoy stops telling the label (its square repainted in a random shade, as in the
+    validation split; ``draws`` seeded draws averaged)."""
+    from harmonia.data.digits import DecoyDigits
+    from harmonia.module import AlignedClassifier
+
+    module = AlignedClassifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    data = DecoyDigits("train", seed=0)
+    channels = next(p for p in module.parameters() if p.ndim == 4).shape[1]
+
+    def accuracy(images: Tensor) -> Tensor:
+        with torch.no_grad():
+            predicted = torch.cat([module(images[s : s + 256, :channels].float()).argmax(1) for s in range(0, len(images), 256)])
+        return torch.stack([(predicted[data.labels == c] == c).float().mean() for c in range(10)])
+
+    with_label = accuracy(data.images)
+    generator = torch.Generator().manual_seed(0)
+    random = torch.stack([accuracy(data.with_decoy_shades(0.1 + 0.9 * torch.rand(len(data), generator=generator)))
+                          for _ in range(draws)]).mean(0)
+    dependent = [c for c in range(10) if float(with_label[c] - random[c]) >= drop]
+    return {"classes": dependent, "accuracy_label_shade": with_label.tolist(), "accuracy_random_shade": random.tolist()}
 
 
 def browser_check(out: Path, screenshots: Path) -> tuple[dict[str, Any], float]:
@@ -208,6 +236,8 @@ def main() -> None:
                         help="skip the Chromium check (browser_errors = null)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the target is for 2 CPU cores)")
     parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--cnn_pair", type=Path, nargs=2, default=None, metavar=("BASELINE_CKPT", "HARMONIZED_CKPT"),
+                        help="also flag the plain-CNN pair (configs/digits_cnn_baseline.yaml, digits_cnn_harmonized.yaml)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = args.work
@@ -226,15 +256,34 @@ def main() -> None:
     browser, browser_errors = None, None
     if not args.no_browser:
         browser, stages["browser"] = browser_check(out, work / "screenshots")
-        browser_errors = sum(len(browser[k]) for k in ("console_errors", "broken_links", "broken_images"))
+        browser_errors = sum(len(browser[k]) for k in ("console_errors", "broken_links", "broken_images", "failures"))
 
-    baseline_result = command.build_atlas(atlas_args(baseline, args.baseline_config, fresh(work / "atlas_baseline"), args))
+    baseline_result = command.build_atlas(atlas_args(baseline, args.baseline_config, fresh(work / "atlas_baseline"), args, maco=False))
+    # The plain-CNN pair relies on the decoy far more than the 1-Lipschitz pair: flags of both.
+    pairs = {"": (ckpt, baseline, result.index, baseline_result.index)}
+    if args.cnn_pair:
+        cnn_baseline, cnn_harmonized = args.cnn_pair
+        cnn_b = command.build_atlas(atlas_args(cnn_baseline, ROOT / "configs" / "digits_cnn_baseline.yaml",
+                                               fresh(work / "atlas_cnn_baseline"), args, maco=False))
+        cnn_h = command.build_atlas(atlas_args(cnn_harmonized, ROOT / "configs" / "digits_cnn_harmonized.yaml",
+                                               fresh(work / "atlas_cnn_harmonized"), args, maco=False))
+        pairs["cnn_"] = (cnn_harmonized, cnn_baseline, cnn_h.index, cnn_b.index)
+    flags_extra: dict[str, Any] = {}
+    for prefix, (h_ckpt, b_ckpt, h_index, b_index) in pairs.items():
+        if prefix:
+            flags_extra[f"flagged_classes_{prefix}baseline"] = flagged_classes(b_index)
+            flags_extra[f"flagged_classes_{prefix}harmonized"] = flagged_classes(h_index)
+        flags_extra[f"flagged_{prefix}baseline"] = sorted({f["class"] for f in b_index["flags"]})
+        flags_extra[f"flagged_{prefix}harmonized"] = sorted({f["class"] for f in h_index["flags"]})
+        flags_extra[f"decoy_dependent_{prefix}baseline"] = decoy_dependent_classes(b_ckpt)
+        flags_extra[f"decoy_dependent_{prefix}harmonized"] = decoy_dependent_classes(h_ckpt)
     report = {
         "atlas_seconds": atlas_seconds,
         "atlas_over_floor": atlas_seconds / floor if floor > 0 else None,
         "flagged_classes_baseline": flagged_classes(baseline_result.index),
         "flagged_classes_harmonized": flagged_classes(result.index),
         "browser_errors": browser_errors,
+        **flags_extra,
         "floor_seconds": floor,
         "stages": stages,
         "model_calls": len(recorder.calls),
@@ -259,6 +308,10 @@ def main() -> None:
             ("flagged classes baseline / harmonized",
              f"{report['flagged_classes_baseline']} / {report['flagged_classes_harmonized']} of {len(args.classes)}"),
             ("browser errors", "skipped" if browser_errors is None else str(browser_errors))]
+    for prefix in pairs:
+        for arm in ("baseline", "harmonized"):
+            truth = report[f"decoy_dependent_{prefix}{arm}"]["classes"]
+            rows.append((f"{prefix}{arm}: flagged / decoy-dependent classes", f"{report[f'flagged_{prefix}{arm}']} / {truth}"))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

@@ -54,6 +54,8 @@ bench: $(VENV)/.installed-bench
 	$(PY) benchmarks/finetune_memory.py --out benchmarks/results/finetune_memory.json
 	$(PY) benchmarks/data_throughput.py --out benchmarks/results/data_throughput.json
 	$(PY) benchmarks/maco_cost.py --model digits --out benchmarks/results/maco_cost.json
+	$(PY) benchmarks/eva_cost.py --out benchmarks/results/eva_cost.json
+	$(PY) benchmarks/atlas_cost.py --out benchmarks/results/atlas_cost.json
 
 ## Headless Chromium for the atlas's browser tests (Debian packages; needs root or sudo).
 ## Without it those tests skip and say why.

@@ -181,28 +181,15 @@ def flagged_classes(index: dict[str, Any]) -> int:
     return len({flag["class"] for flag in index["flags"]})
 
 
-def decoy_dependent_classes(ckpt: Path, drop: float = 0.10, draws: int = 3) -> dict[str, Any]:
+def decoy_dependent_classes(ckpt: Path, drop: float = 0.10) -> dict[str, Any]:
     """The ground truth the flags should find: classes whose training accuracy falls by ≥ ``drop``
-    when the decoy stops telling the label (its square repainted in a random shade, as in the
-    validation split; ``draws`` seeded draws averaged)."""
-    from harmonia.data.digits import DecoyDigits
+    when the decoy stops telling the label (``harmonia.data.digits.decoy_reliance``)."""
+    from harmonia.data.digits import decoy_reliance
     from harmonia.module import AlignedClassifier
 
     module = AlignedClassifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
-    data = DecoyDigits("train", seed=0)
-    channels = next(p for p in module.parameters() if p.ndim == 4).shape[1]
-
-    def accuracy(images: Tensor) -> Tensor:
-        with torch.no_grad():
-            predicted = torch.cat([module(images[s : s + 256, :channels].float()).argmax(1) for s in range(0, len(images), 256)])
-        return torch.stack([(predicted[data.labels == c] == c).float().mean() for c in range(10)])
-
-    with_label = accuracy(data.images)
-    generator = torch.Generator().manual_seed(0)
-    random = torch.stack([accuracy(data.with_decoy_shades(0.1 + 0.9 * torch.rand(len(data), generator=generator)))
-                          for _ in range(draws)]).mean(0)
-    dependent = [c for c in range(10) if float(with_label[c] - random[c]) >= drop]
-    return {"classes": dependent, "accuracy_label_shade": with_label.tolist(), "accuracy_random_shade": random.tolist()}
+    reliance = decoy_reliance(module)
+    return {"classes": [c for c in range(10) if float(reliance[c]) >= drop], "accuracy_drop": reliance.tolist()}
 
 
 def browser_check(out: Path, screenshots: Path) -> tuple[dict[str, Any], float]:

@@ -56,6 +56,9 @@ def _concepts(out: Path, image_dir: str, cid: int, seed: int, flagged: list[int]
             "tint": [_png(out, f"{base}_tint_{i}.png", seed + 1000 + 10 * j + i) for i in range(N_TINT)],
             "n_top_images": max(N_POINTS // (j + 1) - 2, 0),
             "classes": [{"id": c, "name": n, "effect": round(0.9 - 0.2 * i - 0.05 * j, 3)} for i, (c, n) in enumerate(others)],
+            # the last entry's class (7) has no page: shown as text, not as a link
+            "similar": [{"class": c, "concept": (j + i) % len(IMPORTANCE), "cosine": round(0.95 - 0.1 * i, 3)}
+                        for i, (c, _) in enumerate(others[:1] + others[-1:])],
         })
     return concepts
 

@@ -20,7 +20,7 @@ import yaml
 
 import atlas_fakes
 from harmonia.atlas import command
-from harmonia.atlas.command import AtlasError, build_atlas, cache_key, read_curves, select_images
+from harmonia.atlas.command import AtlasError, add_similar_concepts, build_atlas, cache_key, read_curves, select_images
 from harmonia.atlas.schema import validate
 from harmonia.data import DecoyDigitsDataModule
 from harmonia.data.sample import Sample
@@ -345,3 +345,17 @@ def test_end_to_end_with_the_real_analysis_and_renderer(tmp_path: Path) -> None:
     for c in (0, 1):
         validate(json.loads((out / "data" / "class" / f"{c}.json").read_text()), f"class {c}")
     assert (out / "index.html").is_file() and (out / "class" / "0.html").is_file()
+
+
+def test_similar_concepts_are_the_closest_of_other_classes() -> None:
+    documents = [{"class": {"id": c}, "concepts": [{} for _ in range(2)]} for c in (3, 5, 8)]
+    vectors = [torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]),      # class 3: c0 = x, c1 = y
+               torch.tensor([[0.9, 0.1, 0], [0, 0, 1.0]]),    # class 5: c0 ≈ x, c1 = z
+               torch.tensor([[0, 0.8, 0.2], [0.5, 0.5, 0]])]  # class 8: c0 ≈ y, c1 between x and y
+    assert add_similar_concepts(documents, vectors, top=2)
+    first = documents[0]["concepts"][0]["similar"]
+    assert [(m["class"], m["concept"]) for m in first] == [(5, 0), (8, 1)]  # never its own class
+    assert first[0]["cosine"] == pytest.approx(0.9 / (0.81 + 0.01) ** 0.5, abs=1e-4)
+    assert [(m["class"], m["concept"]) for m in documents[0]["concepts"][1]["similar"]] == [(8, 0), (8, 1)]
+    assert not add_similar_concepts(documents[:1], vectors[:1])  # one class: nothing to compare with
+    assert not add_similar_concepts(documents, [vectors[0], None, vectors[2]])  # a bank missing: left as is

@@ -8,9 +8,20 @@ the site in headless Chromium.
 """
 
 from harmonia.atlas.analysis import AtlasSettings, ClassAnalysis, analyze_class, class_document, compare_section, timeline_section
-from harmonia.atlas.browser import SiteReport, check_site, chromium_available
 from harmonia.atlas.render import check_links, render_site
 from harmonia.atlas.schema import SCHEMA_VERSION, validate
+
+_BROWSER = ("SiteReport", "check_site", "chromium_available")
+
+
+def __getattr__(name: str) -> object:
+    """The browser check on first use (so ``python -m harmonia.atlas.browser`` runs it fresh)."""
+    if name in _BROWSER:
+        from harmonia.atlas import browser
+
+        return getattr(browser, name)
+    raise AttributeError(f"module 'harmonia.atlas' has no attribute {name!r}")
+
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -715,6 +715,18 @@ class AtlasRunner(pl.LightningModule):
             self._tick("documents", start)
         return torch.as_tensor(batch).reshape(-1).tolist()
 
+    def concept_vectors(self, classes: Sequence[int]) -> list[Tensor | None]:
+        """Each class's concept bank ``(k, channels)`` in rank order, read back from the cache that
+        every rank wrote (``None`` for a class whose analysis is not there)."""
+        vectors: list[Tensor | None] = []
+        for c in classes:
+            key = cache_key(self.job.main.digest, self.settings, c, self.images[c].digest(), hparams_digest(self.classifier),
+                            self.names)
+            found = self.cache.load(key)
+            components = getattr(found, "components", None)  # None: not cached, or an analysis without a bank
+            vectors.append(None if components is None else components.float())
+        return vectors
+
     def on_predict_end(self) -> None:
         """Rank zero scores the held-out split; then the ranks add up their counts, which also
         makes every rank wait until all documents are written."""
@@ -725,6 +737,27 @@ class AtlasRunner(pl.LightningModule):
         counts = torch.tensor([self.analysed, self.cached], dtype=torch.long, device=self.device)
         self.analysed, self.cached = (int(n) for n in self.trainer.strategy.reduce(counts, reduce_op="sum").tolist())
         self.trainer.strategy.barrier("harmonia-atlas-documents")
+
+
+def add_similar_concepts(documents: list[dict[str, Any]], vectors: list[Tensor | None], top: int = 3) -> bool:
+    """Give every concept its ``similar`` list: the ``top`` concepts of *other* classes whose vectors
+    (same model, same layer, so the same channels) have the largest cosine with it (LENS's
+    "similar concepts"). ``vectors[i]`` is document ``i``'s ``(k, channels)`` bank in rank order;
+    ``False`` (nothing changed) when a bank is missing or there is a single class."""
+    if len(documents) < 2 or any(v is None for v in vectors):
+        return False
+    owners = [(d["class"]["id"], j) for d, v in zip(documents, vectors) for j in range(len(v))]
+    bank = torch.nn.functional.normalize(torch.cat([v.double() for v in vectors]), dim=1)
+    cosine = bank @ bank.T
+    row = 0
+    for d, v in zip(documents, vectors):
+        own = d["class"]["id"]
+        for j in range(len(v)):
+            others = [(float(cosine[row, i]), owners[i]) for i in range(len(owners)) if owners[i][0] != own]
+            others.sort(key=lambda t: -t[0])
+            d["concepts"][j]["similar"] = [{"class": c, "concept": k, "cosine": round(value, 4)} for value, (c, k) in others[:top]]
+            row += 1
+    return True
 
 
 def heldout_accuracy(datamodule: pl.LightningDataModule, limit: int) -> Callable[[nn.Module, torch.device], float | None]:
@@ -960,6 +993,12 @@ def build_atlas(argv: Sequence[str]) -> AtlasResult:
         return AtlasResult(out, None, seconds, runner.analysed, runner.cached)
 
     documents = [json.loads((out / "data" / "class" / f"{c}.json").read_text()) for c in classes]
+    start = time.perf_counter()
+    if add_similar_concepts(documents, runner.concept_vectors(classes)):
+        for c, document in zip(classes, documents):
+            validate(document, f"data/class/{c}.json")
+            write_json(out / "data" / "class" / f"{c}.json", document)
+    seconds["similar"] = time.perf_counter() - start
     logs = Path(o.logs) if o.logs else run
     curves = read_curves(logs) if logs is not None else None
     index = index_document(model=network(module), main=main_ckpt, loaded=loaded, settings=settings, documents=documents,

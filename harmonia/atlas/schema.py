@@ -53,6 +53,11 @@ _concept = {
         "crops": {"type": "array", "items": _path},  # top-activating crops, best first
         "tint": {"type": "array", "items": _path},  # the concept's attribution tinted on class images
         "n_top_images": {"type": "integer", "minimum": 0},  # images whose top concept this is
+        "similar": {  # optional: the most similar concepts of other classes (cosine of concept vectors)
+            "type": "array",
+            "items": {"type": "object", "required": ["class", "concept", "cosine"],
+                      "properties": {"class": {"type": "integer"}, "concept": {"type": "integer"}, "cosine": _number}},
+        },
         "classes": {  # classes whose logit the concept raises most (removal effect, > 0), best first
             "type": "array",
             "items": {"type": "object", "required": ["id", "name", "effect"],

@@ -154,3 +154,32 @@ class DecoyDigits(Dataset):
 
     def __getitem__(self, i: int) -> Sample:
         return Sample(self.images[i], self.maps[i], self.has_map[i], self.labels[i])
+
+
+def decoy_reliance(model: torch.nn.Module, seed: int = 0, draws: int = 3, batch_size: int = 256) -> torch.Tensor:
+    """How much each class leans on the decoy: ``(10,)`` training-split accuracy with the label's
+    shade minus the accuracy with the square repainted in a random shade (as in validation),
+    averaged over ``draws`` seeded draws. The ground truth a shortcut detector should find.
+
+    ``model`` maps ``(N, C, 32, 32)`` images in [0, 1] to logits; its channel count is read from
+    its first convolution (the dataset's grey images are repeated to match).
+    """
+    data = DecoyDigits("train", seed=seed)
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    channels = conv.in_channels if conv is not None else 1
+    device = next(model.parameters()).device
+
+    def per_class_accuracy(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            predicted = torch.cat([
+                model(images[s : s + batch_size, :1].expand(-1, channels, -1, -1).to(device)).argmax(1).cpu()
+                for s in range(0, len(images), batch_size)
+            ])
+        return torch.stack([(predicted[data.labels == c] == c).float().mean() for c in range(10)])
+
+    generator = torch.Generator().manual_seed(seed)
+    random = torch.stack([
+        per_class_accuracy(data.with_decoy_shades(0.1 + 0.9 * torch.rand(len(data), generator=generator)))
+        for _ in range(draws)
+    ]).mean(0)
+    return per_class_accuracy(data.images) - random

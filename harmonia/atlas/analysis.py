@@ -66,7 +66,7 @@ from harmonia.atlas.schema import SCHEMA_VERSION, validate
 from harmonia.callbacks.feature_viz import maco_settings
 from harmonia.callbacks.monitor import eval_mode
 from harmonia.callbacks.saliency import TrainingSaliency
-from harmonia.concepts import ConceptBank, Craft, LayerSplit, attribution_overlay, concept_color, match_concepts
+from harmonia.concepts import ConceptBank, Craft, attribution_overlay, concept_color, match_concepts
 from harmonia.explain import Saliency
 from harmonia.explain.base import Explainer, gradients_on
 from harmonia.metrics.alignment import human_alignment

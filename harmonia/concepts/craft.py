@@ -34,6 +34,7 @@ and ``g``/``h`` are run under ``no_grad`` in batches of ``batch_size``. The pape
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -246,33 +247,11 @@ class Craft:
         ``bank.class_id`` from ``h((u ⊙ m) W)`` (``h(g(blank) + (u ⊙ m) W)`` with a ``baseline``);
         estimator: Jansen's total order.
         """
-        k = bank.n_concepts
-        masks = qmc_design(self.nb_design, k, "halton").to(self.device)
-        rows = len(masks)
-        u = self.transform(bank, images)  # (N, *S, k)
-        spatial = u.shape[1:-1]
-        w = bank.components.to(self.device, u.dtype)
-        blank = self.blank_activations(tuple(images.shape[1:]))
-        per_chunk = max(1, self.batch_size // rows)
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(u), per_chunk):
-                chunk = u[start : start + per_chunk]
-                c = len(chunk)
-                masked = chunk[:, None] * masks.view(1, rows, *[1] * len(spatial), k).to(u.dtype)
-                acts = (masked @ w).movedim(-1, 2).reshape(c * rows, w.shape[1], *spatial)
-                if blank is not None:
-                    acts = acts + blank.to(acts.dtype)  # a masked concept reads as empty image there
-                inputs = None
-                if self.split.needs_input:
-                    x = images[start : start + c].to(self.device)
-                    inputs = x[:, None].expand(c, rows, *x.shape[1:]).reshape(c * rows, *x.shape[1:])
-                scores = torch.cat([
-                    self.split.logits(acts[s : s + self.batch_size], None if inputs is None else inputs[s : s + self.batch_size])[:, bank.class_id]
-                    for s in range(0, len(acts), self.batch_size)
-                ])
-                out.append(jansen_total_order(scores.view(c, rows).T.float(), self.nb_design).T)
-        return torch.cat(out)
+        masks = qmc_design(self.nb_design, bank.n_concepts, "halton").to(self.device)
+        return torch.cat([
+            jansen_total_order(logits[..., bank.class_id].T, self.nb_design).T
+            for logits in self._masked_logits(bank, images, masks)
+        ])
 
     def class_effects(self, bank: ConceptBank, images: Tensor) -> Tensor:
         """How much each concept raises every class logit in each image: ``(N, k, classes)``.
@@ -285,13 +264,18 @@ class Craft:
         k = bank.n_concepts
         masks = torch.ones(k + 1, k, device=self.device)
         masks[1:].fill_diagonal_(0.0)  # row 0: every concept; row j + 1: all but concept j
+        return torch.cat([logits[:, :1] - logits[:, 1:] for logits in self._masked_logits(bank, images, masks)])
+
+    def _masked_logits(self, bank: ConceptBank, images: Tensor, masks: Tensor) -> Iterator[Tensor]:
+        """``h(g(blank) + (u ⊙ m) W)`` for every image and mask row, a chunk of images at a time:
+        ``(images in the chunk, rows, classes)`` float32 logits (no ``g(blank)`` without a baseline)."""
+        k = bank.n_concepts
+        rows = len(masks)
         u = self.transform(bank, images)  # (N, *S, k)
         spatial = u.shape[1:-1]
         w = bank.components.to(self.device, u.dtype)
         blank = self.blank_activations(tuple(images.shape[1:]))
-        rows = k + 1
         per_chunk = max(1, self.batch_size // rows)
-        out = []
         with torch.no_grad():
             for start in range(0, len(u), per_chunk):
                 chunk = u[start : start + per_chunk]
@@ -299,17 +283,15 @@ class Craft:
                 masked = chunk[:, None] * masks.view(1, rows, *[1] * len(spatial), k).to(u.dtype)
                 acts = (masked @ w).movedim(-1, 2).reshape(c * rows, w.shape[1], *spatial)
                 if blank is not None:
-                    acts = acts + blank.to(acts.dtype)
+                    acts = acts + blank.to(acts.dtype)  # a masked concept reads as empty image there
                 inputs = None
                 if self.split.needs_input:
                     x = images[start : start + c].to(self.device)
                     inputs = x[:, None].expand(c, rows, *x.shape[1:]).reshape(c * rows, *x.shape[1:])
-                logits = torch.cat([
+                yield torch.cat([
                     self.split.logits(acts[s : s + self.batch_size], None if inputs is None else inputs[s : s + self.batch_size])
                     for s in range(0, len(acts), self.batch_size)
                 ]).float().view(c, rows, -1)
-                out.append(logits[:, :1] - logits[:, 1:])
-        return torch.cat(out)
 
     def attribution_maps(self, bank: ConceptBank, images: Tensor) -> Tensor:
         """Where each concept is in each image: ``(N, k, H, W)`` ≥ 0.

@@ -140,7 +140,8 @@ def write_atlas(out: Path, *, n_classes: int = 3, compare: bool = True, timeline
         "curves": {"source": "runs/digits/csv/metrics.csv",
                    "series": {"train/loss": [[s, 2.3 / (1 + s / 40)] for s in range(0, 260, 10)],
                               "val/acc": [[s, 0.5 + 0.3 * s / 250] for s in range(50, 260, 50)],
-                              "val/alignment": [[125, 0.3], [250, 0.5]]}} if curves else None,
+                              "val/alignment": [[125, 0.3], [250, 0.5]],
+                              "saliency/gradient/alignment": [[100, 0.6], [200, 0.7]]}} if curves else None,
         "compare": {"label": "baseline", "checkpoint": "runs/digits_baseline/checkpoints/best.ckpt", "accuracy": 0.9,
                     "alignment": 0.2, "flags": [{"class": 2, "concept": 0, "importance": 0.42, "off_map_share": 0.85}]}
         if compare else None,

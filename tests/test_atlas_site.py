@@ -128,10 +128,16 @@ def test_index_page_content(atlas: Path) -> None:
     html = (atlas / "index.html").read_text()
     assert 'id="class-search"' in html and html.count('class="class-card') == len(NAMES)
     assert "&lt;b&gt;not bold&lt;/b&gt; &amp; escaped" in html  # the config is escaped, not interpreted
-    assert html.count("<svg") == 3  # one chart per logged series
+    assert html.count("<svg") == 4  # one chart per logged series
     assert 'href="class/0.html#concept-1"' in html and 'href="class/1.html#concept-0"' in html  # the flags
     assert 'src="img/class/0/concept_1_picture.png" alt="Flagged concept c1 of class zero"' in html  # with pictures
     assert "Held-out accuracy" in html and "Certified accuracy" in html
+
+
+def test_curves_are_grouped_training_first_diagnostics_folded(atlas: Path) -> None:
+    html = (atlas / "index.html").read_text()
+    groups = re.findall(r'<details class="curve-group"( open)?>\s*<summary>(\w+)/', html)
+    assert groups == [(" open", "train"), (" open", "val"), ("", "saliency")]
 
 
 def test_without_optional_sections(tmp_path: Path) -> None:

@@ -365,15 +365,20 @@ def timeline_chart(doc: dict[str, Any], width: int = 320, height: int = 150) -> 
 _PALETTE = ["#2b6cb0", "#c05621", "#2f855a", "#6b46c1", "#b83280", "#2c7a7b", "#975a16", "#4a5568"]
 
 
+_OPEN_GROUPS = ("train", "val", "test")  # shown unfolded; a diagnostics group (saliency/, concepts/...) folds
+
+
 def _curves(curves: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The curves as groups by their first path part (``train/acc`` → ``train``), each a list of charts."""
     if curves is None:
         return []
-    charts = []
+    groups: dict[str, list[dict[str, Any]]] = {}
     for i, (name, points) in enumerate(sorted(curves["series"].items())):
         series = [{"name": name, "color": _PALETTE[i % len(_PALETTE)], "points": [(p[0], p[1]) for p in points]}]
-        charts.append({"name": name, "svg": line_chart(series, f"{name} over training steps"),
-                       "last": points[-1][1] if points else None})
-    return charts
+        groups.setdefault(name.split("/", 1)[0] if "/" in name else "other", []).append(
+            {"name": name, "svg": line_chart(series, f"{name} over training steps"), "last": points[-1][1] if points else None})
+    order = sorted(groups, key=lambda g: (_OPEN_GROUPS.index(g) if g in _OPEN_GROUPS else len(_OPEN_GROUPS), g))
+    return [{"name": g, "open": g in _OPEN_GROUPS, "charts": groups[g]} for g in order]
 
 
 # --------------------------------------------------------------------------------------------- rendering

@@ -45,7 +45,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -479,63 +479,63 @@ def _finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _tensorboard_points(path: Path) -> Iterator[tuple[str, Any, Any]]:
+    """``(tag, step, value)`` of every scalar in one TensorBoard event file."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: PLC0415
+
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+    acc.Reload()
+    for tag in acc.Tags().get("scalars", []):
+        for event in acc.Scalars(tag):
+            yield tag, event.step, event.value
+
+
+def _csv_points(path: Path) -> Iterator[tuple[str, Any, Any]]:
+    """``(column, step, value)`` of every filled cell of a CSV logger's ``metrics.csv``."""
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            for name, value in row.items():
+                if name is not None and value not in (None, ""):
+                    yield name, row.get("step"), value
+
+
+def _wandb_points(path: Path) -> Iterator[tuple[str, Any, Any]]:
+    """``(key, step, value)`` of every numeric scalar of an offline W&B run."""
+    for name, points in read_history(path).items():
+        for step, value in points:
+            yield name, step, value
+
+
+# (file pattern, reader, what a source is called, what the reader may raise on a torn or foreign file)
+_LOG_READERS = (
+    ("events.out.tfevents.*", _tensorboard_points, "TensorBoard", (Exception,)),  # its own errors vary by version
+    ("metrics.csv", _csv_points, "CSV", (OSError, csv.Error, UnicodeDecodeError)),
+    ("run-*.wandb", _wandb_points, "W&B", (OSError, ValueError)),
+)
+
+
 def read_curves(logs: Path) -> dict[str, Any] | None:
     """Scalar series ``{name: [[step, value], ...]}`` from TensorBoard event files, CSV loggers'
-    ``metrics.csv`` and offline W&B runs under ``logs`` (``None`` if none is found)."""
+    ``metrics.csv`` and offline W&B runs under ``logs`` (``None`` if none is found). A file that
+    cannot be read is skipped with a warning: a torn log must not stop the atlas."""
     if not logs.is_dir():
         return None
     series: dict[str, dict[float, float]] = {}
     sources: list[str] = []
-
-    def add(name: str, step: Any, value: Any) -> bool:
-        s, v = _finite(step), _finite(value)
-        if s is None or v is None or name in ("epoch", "step"):
-            return False
-        series.setdefault(name, {})[s] = v
-        return True
-
-    events = sorted(logs.rglob("events.out.tfevents.*"))
-    if events:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: PLC0415
-
-        for path in events:
+    for pattern, reader, kind, failures in _LOG_READERS:
+        for path in sorted(logs.rglob(pattern)):
+            found = False
             try:
-                acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
-                acc.Reload()
-                found = False
-                for tag in acc.Tags().get("scalars", []):
-                    for event in acc.Scalars(tag):
-                        found |= add(tag, event.step, event.value)
-            except Exception as error:  # noqa: BLE001 - a torn event file must not stop the atlas
-                rank_zero_warn(f"harmonia atlas: cannot read TensorBoard events {path}: {error}")
+                for name, step, value in reader(path):
+                    s, v = _finite(step), _finite(value)
+                    if s is not None and v is not None and name not in ("epoch", "step"):
+                        series.setdefault(name, {})[s] = v
+                        found = True
+            except failures as error:
+                rank_zero_warn(f"harmonia atlas: cannot read {kind} log {path}: {error}")
                 continue
             if found:
-                sources.append(f"TensorBoard {path.parent}")
-    for path in sorted(logs.rglob("metrics.csv")):
-        found = False
-        try:
-            with open(path, newline="", encoding="utf-8") as f:
-                for row in csv.DictReader(f):
-                    step = row.get("step")
-                    for name, value in row.items():
-                        if name is not None and value not in (None, ""):
-                            found |= add(name, step, value)
-        except (OSError, csv.Error, UnicodeDecodeError) as error:
-            rank_zero_warn(f"harmonia atlas: cannot read CSV metrics {path}: {error}")
-            continue
-        if found:
-            sources.append(f"CSV {path}")
-    for path in sorted(logs.rglob("run-*.wandb")):
-        found = False
-        try:
-            for name, points in read_history(path).items():
-                for step, value in points:
-                    found |= add(name, step, value)
-        except (OSError, ValueError) as error:
-            rank_zero_warn(f"harmonia atlas: cannot read W&B run {path}: {error}")
-            continue
-        if found:
-            sources.append(f"W&B {path.parent}")
+                sources.append(f"{kind} {path if kind == 'CSV' else path.parent}")
     if not series:
         return None
     return {"source": "; ".join(sources),

@@ -17,7 +17,6 @@ from harmonia.atlas.analysis import (
     AtlasSettings,
     ClassAnalysis,
     analyze_class,
-    certified_summary,
     class_document,
     compare_section,
     embed,
@@ -225,8 +224,9 @@ def test_no_maps_gives_nulls_and_certified_model_gives_radii(tmp_path: Path):
     assert all(c["off_map_share"] is None for c in document["concepts"])
     assert all(s["human"] is None and s["alignment"] is None for s in document["saliency"])
     assert document["certified"]["histogram"]["counts"] and sum(document["certified"]["histogram"]["counts"]) == 5
-    summary = certified_summary([a, a])
-    assert summary["epsilons"] == list(toy_settings().epsilons) and len(summary["accuracy"]) == 4
+    radii, correct = a.certified["radii"], a.predicted == a.labels
+    expected = [float((correct & (radii >= e)).float().mean()) for e in toy_settings().epsilons]
+    assert a.certified["epsilons"] == list(toy_settings().epsilons) and a.certified["accuracy"] == pytest.approx(expected)
 
 
 def test_settings_are_json_and_checked():

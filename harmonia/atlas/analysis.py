@@ -53,7 +53,7 @@ second copy of them):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ from harmonia.concepts import ConceptBank, Craft, attribution_overlay, concept_c
 from harmonia.explain import Saliency
 from harmonia.explain.base import Explainer, gradients_on
 from harmonia.metrics.alignment import human_alignment
-from harmonia.metrics.certified import certified_radius, model_certificate
+from harmonia.metrics.certified import CertifiedAccuracy, certified_radius, model_certificate
 from harmonia.models.orthogonal import cached_weights
 from harmonia.visualize import Spectrum, concept_pictures, objective_seed
 from harmonia.visualize.figure import save_figure
@@ -203,7 +203,6 @@ class ClassAnalysis:
     saliency: Tensor  # (s, 1, H, W) saliency of the first s images
     alignment: Tensor | None  # (N,) per-image human alignment (NaN where an image has no map); None without maps
     certified: dict[str, Any] | None = None  # {"epsilons", "accuracy", "radii" (N,)}
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_concepts(self) -> int:
@@ -392,8 +391,12 @@ def analyze_class(
         n_top = torch.bincount(top, minlength=k)
         n_important = int((n_top >= settings.important_min_share * len(images)).sum())
 
-        attributions = torch.cat([craft.attribution_maps(bank, x[s : s + settings.batch_size]).cpu()
-                                  for s in range(0, len(x), settings.batch_size)])  # (N, k, H, W)
+        # Presence maps (Craft.attribution_maps): the tints show the first few; every image's only
+        # when they, not the contribution maps, weigh the off-map share.
+        presence_images = len(x) if settings.off_map_maps == "presence" else min(settings.tint_images, len(x))
+        attributions = torch.cat([craft.attribution_maps(bank, x[s : min(s + settings.batch_size, presence_images)]).cpu()
+                                  for s in range(0, presence_images, settings.batch_size)] or
+                                 [torch.zeros(0, k, *x.shape[-2:])])  # (n, k, H, W)
         has_map = torch.zeros(len(images), dtype=torch.bool) if maps is None else maps.flatten(1).amax(1).cpu() > 0
         maps_cpu = None if maps is None or not has_map.any() else maps.detach().float().cpu()
         off = None
@@ -437,11 +440,12 @@ def analyze_class(
         if certificate is not None:
             radii = certified_radius(logits, certificate).clamp_min(0)
             radii = torch.where(predicted == labels, radii, torch.zeros_like(radii))
-            eps = torch.tensor(settings.epsilons)
-            certified = {"epsilons": list(settings.epsilons),
-                         "accuracy": [float(v) for v in ((radii[:, None] >= eps[None]) & (radii[:, None] > 0)).float().mean(0)]
-                         if len(eps) else [],
-                         "radii": radii}
+            certified_accuracy: list[float] = []
+            if settings.epsilons:
+                metric = CertifiedAccuracy(settings.epsilons, certificate)
+                metric.update(logits, labels)
+                certified_accuracy = [float(v) for v in metric.compute()]
+            certified = {"epsilons": list(settings.epsilons), "accuracy": certified_accuracy, "radii": radii}
 
     embedding, method = embed(per_image, settings.seed, settings.tsne_min_images)
     return ClassAnalysis(
@@ -455,17 +459,6 @@ def analyze_class(
         embedding=embedding, embedding_method=method, saliency=saliency[: settings.saliency_images].clone(),
         alignment=alignment, certified=certified,
     )
-
-
-def certified_summary(analyses: list[ClassAnalysis]) -> dict[str, list[float]] | None:
-    """Certified accuracy at each ε over all analysed images (the INDEX card); ``None`` unless every class has radii."""
-    if not analyses or any(a.certified is None for a in analyses):
-        return None
-    epsilons = analyses[0].certified["epsilons"]
-    radii = torch.cat([a.certified["radii"] for a in analyses])
-    eps = torch.tensor(epsilons, dtype=radii.dtype)
-    accuracy = ((radii[:, None] >= eps[None]) & (radii[:, None] > 0)).float().mean(0) if len(eps) else torch.zeros(0)
-    return {"epsilons": list(epsilons), "accuracy": [float(v) for v in accuracy]}
 
 
 # ----- the CLASS document and its PNGs --------------------------------------------------------

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from harmonia.atlas import command  # noqa: E402
+from harmonia.atlas import analysis, command  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -119,7 +119,7 @@ def recording(recorder: CallRecorder) -> Iterator[None]:
 
     def on_predict_start(runner: command.AtlasRunner) -> None:
         for classifier in (runner.classifier, runner.compare, runner.work):
-            recorder.watch(None if classifier is None else command.network(classifier))
+            recorder.watch(None if classifier is None else analysis.network(classifier))
         original(runner)
 
     command.AtlasRunner.on_predict_start = on_predict_start

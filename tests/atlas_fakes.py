@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from harmonia.atlas.schema import SCHEMA_VERSION
 
@@ -148,10 +148,16 @@ def render_site(out: Path) -> list[Path]:
     return [page]
 
 
+def network(model: nn.Module) -> nn.Module:
+    """As the analysis's: the network inside an ``AlignedClassifier``."""
+    return model.model if hasattr(model, "penalties") else model
+
+
 def install() -> None:
     """Make ``harmonia.atlas.analysis`` and ``harmonia.atlas.render`` these fakes."""
     analysis = types.ModuleType("harmonia.atlas.analysis")
-    for name in ("AtlasSettings", "ClassAnalysis", "analyze_class", "class_document", "compare_section", "timeline_section"):
+    for name in ("AtlasSettings", "ClassAnalysis", "analyze_class", "class_document", "compare_section", "timeline_section",
+                 "network"):
         setattr(analysis, name, globals()[name])
     render = types.ModuleType("harmonia.atlas.render")
     render.render_site = render_site

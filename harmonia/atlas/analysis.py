@@ -321,7 +321,7 @@ def _cosine(a: Tensor, b: Tensor) -> Tensor:
     return F.normalize(a.double(), dim=1) @ F.normalize(b.double(), dim=1).T
 
 
-def _network(model: nn.Module) -> nn.Module:
+def network(model: nn.Module) -> nn.Module:
     """The classifier inside an ``AlignedClassifier`` (its ``model``), or ``model`` itself."""
     inner = getattr(model, "model", None)
     return inner if isinstance(inner, nn.Module) and hasattr(model, "penalties") else model
@@ -362,7 +362,7 @@ def analyze_class(
                              or maps.shape[-2:] != images.shape[-2:]):
         raise ValueError(f"class {class_id} ({name}): human maps must be (N, 1, H, W) = {(len(images), 1, *images.shape[-2:])}; "
                          f"got {tuple(maps.shape)}")
-    net = _network(model)
+    net = network(model)
     param = next((p for p in net.parameters() if p.is_floating_point()), None)
     device = param.device if param is not None else images.device
     images = images.detach().float().cpu()

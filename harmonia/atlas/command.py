@@ -236,18 +236,12 @@ def read_checkpoint(path: str | Path, label: str | None = None) -> Checkpoint:
                       dict(state.get("hyper_parameters") or {}), weights)
 
 
-def network(classifier: nn.Module) -> nn.Module:
-    """The network inside an ``AlignedClassifier`` (its ``model``), or ``classifier`` itself."""
-    inner = getattr(classifier, "model", None)
-    return inner if isinstance(inner, nn.Module) else classifier
-
-
 def load_weights(classifier: nn.Module, ckpt: Checkpoint, arch: str | None) -> None:
     """Load ``ckpt``'s weights into the classifier's network (strict); ``AtlasError`` naming the file when they do not fit."""
     trained = ckpt.hparams.get("arch")
     if arch is not None and trained is not None and trained != arch:
         raise AtlasError(f"checkpoint {ckpt.path} is a {trained} model; the configuration builds {arch}")
-    model = network(classifier)
+    model = _analysis_module().network(classifier)
     try:
         model.load_state_dict(ckpt.weights, strict=True)
     except RuntimeError as error:
@@ -677,7 +671,7 @@ class AtlasRunner(pl.LightningModule):
             self._tick("cache", start)
             return found
         if classifier is self.work:
-            network(classifier).load_state_dict(ckpt.weights)
+            _analysis_module().network(classifier).load_state_dict(ckpt.weights)
         device = self.device
         maps = data.maps.to(device) if data.maps is not None else None
         with torch.enable_grad():
@@ -967,7 +961,7 @@ def build_atlas(argv: Sequence[str]) -> AtlasResult:
         compare_ckpt = None
     timeline = timeline_checkpoints(o.timeline) if o.timeline else []
     for ckpt in timeline:  # fail now on a checkpoint of another model, not after hours of analysis
-        load_weights(copy.deepcopy(network(module)), ckpt, arch)
+        load_weights(copy.deepcopy(_analysis_module().network(module)), ckpt, arch)
     settings = _make_settings(o, loaded.concept_defaults)
     tick("load")
 
@@ -1001,8 +995,8 @@ def build_atlas(argv: Sequence[str]) -> AtlasResult:
     seconds["similar"] = time.perf_counter() - start
     logs = Path(o.logs) if o.logs else run
     curves = read_curves(logs) if logs is not None else None
-    index = index_document(model=network(module), main=main_ckpt, loaded=loaded, settings=settings, documents=documents,
-                           split=split, data_line=_data_line(loaded.datamodule, split, images), heldout=runner.heldout,
+    index = index_document(model=_analysis_module().network(module), main=main_ckpt, loaded=loaded, settings=settings,
+                           documents=documents, split=split, data_line=_data_line(loaded.datamodule, split, images), heldout=runner.heldout,
                            curves=curves, compare=compare_ckpt, compare_label=compare_label, timeline=timeline)
     validate(index, "data/atlas.json")
     write_json(out / "data" / "atlas.json", index)

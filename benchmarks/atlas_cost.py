@@ -19,8 +19,10 @@
 4. **Shortcut flags**: the baseline's atlas of the same classes (without MACO pictures, which
    change no number); ``flagged_classes_*`` count the classes whose page flags an important,
    mostly off-map concept. ``--cnn_pair`` adds the plain-CNN pair, which leans on the decoy far
-   more. Ground truth beside them: ``decoy_dependent_*``, the classes whose training accuracy
-   falls by ≥ 10 points when the decoy square is repainted in a random shade.
+   more. ``background_reliant_*``: the classes the background swap flags (accuracy falls by ≥ 10
+   points when everything off the human maps comes from other classes' images). Ground truth
+   beside them: ``decoy_dependent_*``, the classes whose training accuracy falls by ≥ 10 points
+   when the decoy square is repainted in a random shade.
 5. **Browser**: ``browser_errors`` = console errors + broken links + broken images that
    ``harmonia.atlas.browser.check_site`` finds in the harmonized atlas.
 
@@ -181,6 +183,11 @@ def flagged_classes(index: dict[str, Any]) -> int:
     return len({flag["class"] for flag in index["flags"]})
 
 
+def background_classes(index: dict[str, Any]) -> list[int]:
+    """Classes the background swap flags (accuracy falls by ≥ ``flag_background`` off the human maps)."""
+    return sorted(flag["class"] for flag in index["background_flags"])
+
+
 def decoy_dependent_classes(ckpt: Path, drop: float = 0.10) -> dict[str, Any]:
     """The ground truth the flags should find: classes whose training accuracy falls by ≥ ``drop``
     when the decoy stops telling the label (``harmonia.data.digits.decoy_reliance``)."""
@@ -262,6 +269,8 @@ def main() -> None:
             flags_extra[f"flagged_classes_{prefix}harmonized"] = flagged_classes(h_index)
         flags_extra[f"flagged_{prefix}baseline"] = sorted({f["class"] for f in b_index["flags"]})
         flags_extra[f"flagged_{prefix}harmonized"] = sorted({f["class"] for f in h_index["flags"]})
+        flags_extra[f"background_reliant_{prefix}baseline"] = background_classes(b_index)
+        flags_extra[f"background_reliant_{prefix}harmonized"] = background_classes(h_index)
         flags_extra[f"decoy_dependent_{prefix}baseline"] = decoy_dependent_classes(b_ckpt)
         flags_extra[f"decoy_dependent_{prefix}harmonized"] = decoy_dependent_classes(h_ckpt)
     report = {
@@ -298,7 +307,8 @@ def main() -> None:
     for prefix in pairs:
         for arm in ("baseline", "harmonized"):
             truth = report[f"decoy_dependent_{prefix}{arm}"]["classes"]
-            rows.append((f"{prefix}{arm}: flagged / decoy-dependent classes", f"{report[f'flagged_{prefix}{arm}']} / {truth}"))
+            rows.append((f"{prefix}{arm}: flagged / background-reliant / decoy-dependent classes",
+                         f"{report[f'flagged_{prefix}{arm}']} / {report[f'background_reliant_{prefix}{arm}']} / {truth}"))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

@@ -52,6 +52,8 @@ class AtlasSettings:
     map_threshold: float = 0.5
     flag_importance: float = 0.2
     flag_off_map: float = 0.5
+    background_donors: int = 2
+    flag_background: float = 0.1
     important_min_share: float = 0.1
     split: str = "train"
     seed: int = 0
@@ -72,11 +74,15 @@ class ClassAnalysis:
     lipschitz: bool
     epsilons: list[float]
     weights_sum: float  # tells checkpoints apart in tests
+    n_donors: int | None = None  # images the runner handed over for the background swap (None: none)
 
 
-def analyze_class(model, images, labels, maps, class_id, name, settings, class_names) -> ClassAnalysis:  # noqa: ANN001
+def analyze_class(model, images, labels, maps, class_id, name, settings, class_names, donors=None) -> ClassAnalysis:  # noqa: ANN001
     """A real forward (and an input gradient, as the real analysis needs) of the class's images."""
     _log("analyze_class", class_id)
+    if donors is not None:
+        assert len(donors[0]) == len(donors[1]) and donors[0].shape[1:] == images.shape[1:]
+        _log("donors", len(donors[0]))
     assert torch.is_grad_enabled(), "the atlas runner must enable gradients"
     x = images.clone().requires_grad_(True)
     logits = model(x)
@@ -87,7 +93,8 @@ def analyze_class(model, images, labels, maps, class_id, name, settings, class_n
     assert hasattr(model, "penalties")
     return ClassAnalysis(class_id, name, logits.argmax(1).detach().cpu(), labels.cpu(), maps is not None,
                          torch.rand(k, 5), k, getattr(net, "certificate", None) is not None, list(settings.epsilons),
-                         float(sum(v.double().sum() for v in net.state_dict().values() if v.is_floating_point())))
+                         float(sum(v.double().sum() for v in net.state_dict().values() if v.is_floating_point())),
+                         None if donors is None else len(donors[0]))
 
 
 def _concepts(a: ClassAnalysis) -> list[dict[str, Any]]:
@@ -95,6 +102,15 @@ def _concepts(a: ClassAnalysis) -> list[dict[str, Any]]:
     return [{"id": j, "importance": shares[j], "sobol": shares[j], "off_map_share": 0.8 if a.has_maps else None,
              "flagged": a.class_id == 0 and j == 0, "color": "#1f77b4", "picture": None, "crops": [], "tint": [],
              "n_top_images": 1, "classes": [{"id": a.class_id, "name": a.name, "effect": 1.0}]} for j in range(a.n_concepts)]
+
+
+def _background(a: ClassAnalysis) -> dict[str, Any] | None:
+    """A background swap section when the class had maps and donors; class 1 is the reliant one."""
+    if not a.has_maps or not a.n_donors:
+        return None
+    drop = 0.5 if a.class_id == 1 else 0.0
+    return {"images": len(a.labels), "donors": 2, "accuracy": 1.0, "swapped_accuracy": 1.0 - drop, "drop": drop,
+            "flagged": drop >= 0.1, "threshold": 0.1, "examples": []}
 
 
 def _accuracy(a: ClassAnalysis) -> float:
@@ -116,7 +132,7 @@ def class_document(a: ClassAnalysis, out: Path, image_dir: str) -> dict[str, Any
             "accuracy": _accuracy(a), "alignment": 0.5 if a.has_maps else None, "n_important": 1,
             "concepts": _concepts(a), "proximity": [[1.0] * a.n_concepts for _ in range(a.n_concepts)],
             "map": {"method": "pca", "points": []}, "saliency": [], "certified": certified,
-            "flags": [0] if a.class_id == 0 else [], "compare": None, "timeline": None,
+            "background": _background(a), "flags": [0] if a.class_id == 0 else [], "compare": None, "timeline": None,
             "weights_sum": a.weights_sum}
 
 
@@ -124,7 +140,7 @@ def compare_section(a: ClassAnalysis, b: ClassAnalysis, label: str, out: Path, i
     """The CLASS document's compare section."""
     _log("compare_section", a.class_id)
     (Path(out) / image_dir).mkdir(parents=True, exist_ok=True)
-    return {"label": label, "accuracy": _accuracy(b), "alignment": None, "concepts": _concepts(b),
+    return {"label": label, "accuracy": _accuracy(b), "alignment": None, "background": _background(b), "concepts": _concepts(b),
             "pairs": [{"a": j, "b": j, "cosine": 1.0, "importance_delta": 0.0, "off_map_delta": None}
                       for j in range(min(a.n_concepts, b.n_concepts))],
             "weights_sum": b.weights_sum}

@@ -63,8 +63,18 @@ def _concepts(out: Path, image_dir: str, cid: int, seed: int, flagged: list[int]
     return concepts
 
 
+def _background(out: Path, image_dir: str, cid: int, drop: float) -> dict[str, Any]:
+    """A background-swap section (two examples; the second one's prediction changes when ``drop`` > 0)."""
+    examples = [{"image": _png(out, f"{image_dir}/background_original_{i}.png", 1100 * (cid + 1) + i),
+                 "swapped": _png(out, f"{image_dir}/background_swapped_{i}.png", 1300 * (cid + 1) + i),
+                 "original_predicted": NAMES[cid], "predicted": NAMES[(cid + 1) % len(NAMES)] if drop and i == 1 else NAMES[cid]}
+                for i in range(2)]
+    return {"images": N_POINTS, "donors": 4, "accuracy": 0.9, "swapped_accuracy": round(0.9 - drop, 3), "drop": drop,
+            "flagged": drop >= 0.1, "threshold": 0.1, "examples": examples}
+
+
 def class_document(out: Path, cid: int, *, compare: bool = True, timeline: bool = True, certified: bool = True,
-                   maco: bool = True) -> dict[str, Any]:
+                   maco: bool = True, background: bool = True) -> dict[str, Any]:
     """The CLASS document of class ``cid`` (its PNGs written under ``out/img``)."""
     k = len(IMPORTANCE)
     image_dir = f"img/class/{cid}"
@@ -87,6 +97,7 @@ def class_document(out: Path, cid: int, *, compare: bool = True, timeline: bool 
         "alignment": round(0.6 - 0.1 * cid, 3), "n_important": 2, "concepts": concepts,
         "proximity": proximity, "map": {"method": "tsne", "points": points}, "saliency": saliency,
         "certified": None, "flags": flagged, "compare": None, "timeline": None,
+        "background": _background(out, image_dir, cid, 0.4 if cid == 1 else 0.0) if background else None,
     }
     if certified:
         document["certified"] = {"epsilons": [0.1, 0.25, 0.5], "accuracy": [0.8, 0.55, 0.2],
@@ -98,7 +109,9 @@ def class_document(out: Path, cid: int, *, compare: bool = True, timeline: bool 
                   "importance_delta": round(IMPORTANCE[j] - IMPORTANCE[(j + 1) % k], 3),
                   "off_map_delta": round(concepts[j]["off_map_share"] - other[(j + 1) % k]["off_map_share"], 3)}
                  for j in range(k - 1)]  # the other model's concept 0 stays unmatched
-        document["compare"] = {"label": "baseline", "accuracy": 0.75, "alignment": 0.2, "concepts": other, "pairs": pairs}
+        document["compare"] = {"label": "baseline", "accuracy": 0.75, "alignment": 0.2, "concepts": other, "pairs": pairs,
+                               "background": _background(out, f"img/compare/class/{cid}", cid, 0.3 if cid == 2 else 0.0)
+                               if background else None}
     if timeline:
         checkpoints = [{"label": f"epoch={e}", "epoch": e, "step": 50 * (e + 1)} for e in range(3)]
         tracks = [{"concept": j, "importance": [None if j == 3 else 0.25, round(0.2 + 0.05 * j, 3), IMPORTANCE[j]],
@@ -109,19 +122,21 @@ def class_document(out: Path, cid: int, *, compare: bool = True, timeline: bool 
 
 
 def write_atlas(out: Path, *, n_classes: int = 3, compare: bool = True, timeline: bool = True, curves: bool = True,
-                certified: bool = True, maco: bool = True) -> Path:
+                certified: bool = True, maco: bool = True, background: bool = True) -> Path:
     """Write a complete atlas folder (documents + PNGs, no HTML) under ``out``; returns ``out``."""
     out = Path(out)
     (out / "data" / "class").mkdir(parents=True, exist_ok=True)
     entries, flags = [], []
     for cid in range(n_classes):
-        document = class_document(out, cid, compare=compare, timeline=timeline, certified=certified, maco=maco)
+        document = class_document(out, cid, compare=compare, timeline=timeline, certified=certified, maco=maco,
+                                  background=background)
         (out / "data" / "class" / f"{cid}.json").write_text(json.dumps(document, indent=1))
         top = document["concepts"][0]
         entries.append({"id": cid, "name": NAMES[cid], "page": f"class/{cid}.html",
                         "picture": top["picture"] or top["crops"][0], "n_concepts": len(document["concepts"]),
                         "n_important": document["n_important"], "accuracy": document["accuracy"],
-                        "alignment": document["alignment"], "flagged": document["flags"]})
+                        "alignment": document["alignment"], "flagged": document["flags"],
+                        "background_drop": document["background"]["drop"] if document["background"] else None})
         flags += [{"class": cid, "concept": c["id"], "importance": c["importance"], "off_map_share": c["off_map_share"]}
                   for c in document["concepts"] if c["flagged"]]
     index: dict[str, Any] = {
@@ -137,13 +152,17 @@ def write_atlas(out: Path, *, n_classes: int = 3, compare: bool = True, timeline
         "settings": {"layer": "features.4", "n_concepts": 4, "images_per_class": 12, "flag_importance": 0.2,
                      "flag_off_map": 0.6, "maco": maco, "seed": 0},
         "classes": entries, "flags": flags,
+        "background_flags": [{"class": e["id"], "drop": e["background_drop"], "accuracy": 0.9,
+                              "swapped_accuracy": round(0.9 - e["background_drop"], 3)}
+                             for e in entries if (e["background_drop"] or 0) >= 0.1],
         "curves": {"source": "runs/digits/csv/metrics.csv",
                    "series": {"train/loss": [[s, 2.3 / (1 + s / 40)] for s in range(0, 260, 10)],
                               "val/acc": [[s, 0.5 + 0.3 * s / 250] for s in range(50, 260, 50)],
                               "val/alignment": [[125, 0.3], [250, 0.5]],
                               "saliency/gradient/alignment": [[100, 0.6], [200, 0.7]]}} if curves else None,
         "compare": {"label": "baseline", "checkpoint": "runs/digits_baseline/checkpoints/best.ckpt", "accuracy": 0.9,
-                    "alignment": 0.2, "flags": [{"class": 2, "concept": 0, "importance": 0.42, "off_map_share": 0.85}]}
+                    "alignment": 0.2, "flags": [{"class": 2, "concept": 0, "importance": 0.42, "off_map_share": 0.85}],
+                    "background_flags": [{"class": 2, "drop": 0.3, "accuracy": 0.9, "swapped_accuracy": 0.6}] if background else []}
         if compare else None,
         "timeline": {"page": "timeline.html",
                      "checkpoints": [{"label": f"epoch={e}", "epoch": e, "step": 50 * (e + 1)} for e in range(3)]}

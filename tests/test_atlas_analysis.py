@@ -17,11 +17,13 @@ from harmonia.atlas.analysis import (
     AtlasSettings,
     ClassAnalysis,
     analyze_class,
+    background_swap,
     class_document,
     compare_section,
     embed,
     flag_concepts,
     off_map_share,
+    on_map,
     timeline_section,
 )
 from harmonia.atlas.schema import validate
@@ -169,6 +171,72 @@ def _paths(document) -> list[str]:
     elif isinstance(document, str) and document.endswith(".png"):
         found.append(document)
     return found
+
+
+class _Reads(nn.Module):
+    """Class 1 when the mean of ``pixels`` is above 0.5, else class 0 (a model that reads one place)."""
+
+    def __init__(self, rows: slice, cols: slice) -> None:
+        super().__init__()
+        self.rows, self.cols = rows, cols
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = x[:, :, self.rows, self.cols].mean(dim=(1, 2, 3)) * self.scale - 0.5
+        return torch.stack([-v, v], 1)
+
+
+def _swap_data() -> tuple[torch.Tensor, ...]:
+    """Class 1: a bright object in the centre *and* a bright corner; donors: dark centre, dark corner."""
+    images = torch.zeros(6, 1, 8, 8)
+    images[:, :, 2:6, 2:6] = 1.0
+    images[:, :, :2, :2] = 1.0  # the corner shortcut, off the map
+    maps = torch.zeros(6, 1, 8, 8)
+    maps[:, :, 2:6, 2:6] = 1.0
+    donors = torch.zeros(5, 1, 8, 8)
+    donors[:, :, 3:5, 3:5] = 0.3  # the donor's own object, on its map: must never be pasted in
+    donor_maps = torch.zeros(5, 1, 8, 8)
+    donor_maps[:, :, 3:5, 3:5] = 1.0
+    return images, maps, donors, donor_maps
+
+
+def test_background_swap_flags_a_model_that_reads_the_background_only():
+    images, maps, donors, donor_maps = _swap_data()
+    corner = background_swap(_Reads(slice(0, 2), slice(0, 2)), images, maps, 1, donors, donor_maps, 0.5, 3, 0.1)
+    assert corner["accuracy"] == 1.0 and corner["swapped_accuracy"] == 0.0 and corner["drop"] == 1.0 and corner["flagged"]
+    centre = background_swap(_Reads(slice(2, 6), slice(2, 6)), images, maps, 1, donors, donor_maps, 0.5, 3, 0.1)
+    assert centre["drop"] == 0.0 and not centre["flagged"]  # the object is kept: the prediction stays
+    assert corner["images"] == 6 and corner["donors"] == 3 and len(corner["examples"]) == 4
+    # what is pasted: only pixels off both maps; the object of the image stays, the donor's never comes
+    example = corner["examples"][0]
+    assert torch.equal(example[:, 2:6, 2:6], images[0, :, 2:6, 2:6]) and float(example[:, :2, :2].max()) == 0.0
+    assert corner["example_original"][0] == 1 and corner["example_predicted"][0] == 0
+
+
+def test_background_swap_needs_maps_on_both_sides_and_checks_shapes():
+    images, maps, donors, donor_maps = _swap_data()
+    model = _Reads(slice(0, 2), slice(0, 2))
+    assert background_swap(model, images, torch.zeros_like(maps), 1, donors, donor_maps, 0.5, 2, 0.1) is None
+    assert background_swap(model, images, maps, 1, donors, torch.zeros_like(donor_maps), 0.5, 2, 0.1) is None
+    with pytest.raises(ValueError, match="donors"):
+        background_swap(model, images, maps, 1, donors[:, :, :4], donor_maps, 0.5, 2, 0.1)
+    assert on_map(maps, 0.5).sum() == 6 * 16 and not on_map(torch.zeros_like(maps), 0.5).any()
+
+
+def test_analysis_runs_the_swap_only_with_donors(tmp_path: Path):
+    images, labels, maps = toy_data(n=6)
+    donors, _, donor_maps = toy_data(n=5, seed=1)
+    settings = toy_settings(background_donors=2)
+    with_donors = analyze_class(toy_model(), images, labels, maps, 1, "c1", settings, NAMES, donors=(donors, donor_maps))
+    b = with_donors.background
+    assert b is not None and b["images"] == 6 and b["donors"] == 2 and b["drop"] == b["accuracy"] - b["swapped_accuracy"]
+    document = class_document(with_donors, tmp_path, "img/class/1")
+    assert document["background"]["threshold"] == settings.flag_background
+    assert all((tmp_path / e["swapped"]).is_file() for e in document["background"]["examples"])
+    assert analyze_class(toy_model(), images, labels, maps, 1, "c1", settings, NAMES).background is None
+    off = analyze_class(toy_model(), images, labels, maps, 1, "c1", toy_settings(background_donors=0), NAMES,
+                        donors=(donors, donor_maps))
+    assert off.background is None and class_document(off, tmp_path, "img/class/1b")["background"] is None
 
 
 def test_toy_model_end_to_end_with_maco(tmp_path: Path):

@@ -146,6 +146,10 @@ def test_defaults_come_from_the_run_and_no_run_directory_is_made(tmp_path: Path,
     assert metrics["certified"] == {"epsilons": [0.05, 0.1, 0.25, 0.5], "accuracy": [0.5] * 4}
     assert [c["id"] for c in index["classes"]] == [0, 1, 2] and index["classes"][0]["page"] == "class/0.html"
     assert index["flags"] == [{"class": 0, "concept": 0, "importance": 1 / 6, "off_map_share": 0.8}]
+    # the background swap of each class gets the mapped images of the two other classes (3 each)
+    assert [c for f, c in fakes if f == "donors"] == [6, 6, 6]
+    assert index["background_flags"] == [{"class": 1, "drop": 0.5, "accuracy": 1.0, "swapped_accuracy": 0.5}]
+    assert [c["background_drop"] for c in index["classes"]] == [0.0, 0.5, 0.0]
     assert index["compare"] is None and index["timeline"] is None and index["curves"] is None
     for c in (0, 1, 2):
         validate(json.loads((out / "data" / "class" / f"{c}.json").read_text()), f"class {c}")
@@ -218,10 +222,12 @@ def test_a_rerun_with_the_same_inputs_reuses_the_cache(tmp_path: Path, fakes: li
     assert not [c for f, c in fakes if f == "analyze_class"]  # nothing analysed again
     for c in (0, 1, 2):
         assert json.loads((tmp_path / "atlas" / "data" / "class" / f"{c}.json").read_text()) == documents[c]
-    # other settings, images or weights are other keys
+    # other settings, images or weights are other keys; so are other donor classes for the background swap
     fakes.clear()
     third = build_atlas([*args, "--overwrite", "--concepts", "2"])
     assert third.analysed == 3
+    fourth = build_atlas([*args, "--overwrite", "--classes", "0", "1"])
+    assert (fourth.analysed, fourth.cached) == (2, 0)
     settings = atlas_fakes.AtlasSettings()
     assert cache_key("a", settings, 1, "i") != cache_key("b", settings, 1, "i") != cache_key("a", settings, 2, "i")
     assert cache_key("a", settings, 1, "i") != cache_key("a", settings, 1, "j")
@@ -246,6 +252,7 @@ def test_compare_and_timeline_are_wired_into_the_documents(tmp_path: Path, fakes
     index = result.index
     assert index["compare"]["label"] == "baseline" and index["compare"]["checkpoint"] == str(other)
     assert index["compare"]["flags"] == [{"class": 0, "concept": 0, "importance": 1 / 6, "off_map_share": 0.8}]
+    assert [f["class"] for f in index["compare"]["background_flags"]] == [1]
     steps = [(c["label"], c["epoch"], c["step"]) for c in index["timeline"]["checkpoints"]]
     assert steps == [("b_early", 1, 10), ("c_mid", 4, 40), ("a_late", 9, 90)]
     assert index["timeline"]["page"] == "timeline.html"
@@ -343,7 +350,9 @@ def test_end_to_end_with_the_real_analysis_and_renderer(tmp_path: Path) -> None:
     out = result.out
     validate(json.loads((out / "data" / "atlas.json").read_text()), "atlas.json")
     for c in (0, 1):
-        validate(json.loads((out / "data" / "class" / f"{c}.json").read_text()), f"class {c}")
+        document = json.loads((out / "data" / "class" / f"{c}.json").read_text())
+        validate(document, f"class {c}")
+        assert document["background"]["images"] == 4 and document["background"]["donors"] == 4  # the other class's backgrounds
     assert (out / "index.html").is_file() and (out / "class" / "0.html").is_file()
 
 

@@ -116,7 +116,7 @@ def test_class_page_orders_concepts_by_importance_and_marks_the_flag(atlas: Path
 
 def test_class_page_shows_each_section(atlas: Path) -> None:
     html = (atlas / "class" / "2.html").read_text()
-    for section in ("importance", "concepts", "proximity", "map", "saliency", "certified", "compare", "timeline"):
+    for section in ("importance", "concepts", "proximity", "map", "saliency", "background", "certified", "compare", "timeline"):
         assert f'<section id="{section}"' in html, section
     assert html.count('class="map-point"') == 12 and 'id="map-tip"' in html
     assert "top crop (MACO off)" in html  # class 2's last concept has no MACO picture
@@ -132,6 +132,19 @@ def test_index_page_content(atlas: Path) -> None:
     assert 'href="class/0.html#concept-1"' in html and 'href="class/1.html#concept-0"' in html  # the flags
     assert 'src="img/class/0/concept_1_picture.png" alt="Flagged concept c1 of class zero"' in html  # with pictures
     assert "Held-out accuracy" in html and "Certified accuracy" in html
+    # the background-reliant class is listed and linked to its swap; the compared model's count beside it
+    flags = html.split('id="background-flags"')[1].split("</section>")[0]
+    assert flags.count("⚑ background") == 1 and 'href="class/1.html#background"' in flags
+    assert "<th scope=\"row\">Background-reliant classes</th><td>1</td><td>1</td>" in html
+
+
+def test_class_page_shows_the_background_swap(atlas: Path) -> None:
+    html = (atlas / "class" / "1.html").read_text()
+    section = html.split('<section id="background"')[1].split("</section>")[0]
+    assert "⚑ background-reliant" in section and "drop 40.0%" in section
+    assert section.count("background_swapped_") == 2 and section.count('class="flag-text"') == 1  # the changed prediction
+    assert '<section id="background"' in (atlas / "class" / "0.html").read_text()
+    assert "⚑ background" not in (atlas / "class" / "0.html").read_text().split('<section id="background"')[1].split("</section>")[0]
 
 
 def test_curves_are_grouped_training_first_diagnostics_folded(atlas: Path) -> None:
@@ -141,17 +154,19 @@ def test_curves_are_grouped_training_first_diagnostics_folded(atlas: Path) -> No
 
 
 def test_without_optional_sections(tmp_path: Path) -> None:
-    out = write_atlas(tmp_path / "atlas", compare=False, timeline=False, curves=False, certified=False, maco=False)
+    out = write_atlas(tmp_path / "atlas", compare=False, timeline=False, curves=False, certified=False, maco=False,
+                      background=False)
     (out / "timeline.html").write_text("stale")  # from an earlier render with --timeline
     written = render_site(out)
     assert not (out / "timeline.html").exists()
     assert out / "class" / "0.html" in written and check_links(out) == []
     html = (out / "class" / "0.html").read_text()
-    for section in ("certified", "compare", "timeline"):
+    for section in ("certified", "compare", "timeline", "background"):
         assert f'<section id="{section}"' not in html
     assert "MACO picture" not in html  # the top crops stand in
     index = (out / "index.html").read_text()
     assert "<svg" not in index and "timeline.html" not in index and "Certified accuracy" not in index
+    assert "Not measured: it needs human maps" in index
 
 
 def test_no_network_url_in_any_output_file(atlas: Path) -> None:

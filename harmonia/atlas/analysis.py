@@ -32,6 +32,13 @@ second copy of them):
   17% of its mass near the decoy and looks like any digit concept; the class logit, however,
   reads that concept mostly at the decoy, and the contribution map puts 75% there
   (decoy-trained CNN, classes 0 and 1);
+- the background swap (:func:`background_swap`): the class's accuracy when everything off the
+  human maps comes from images of other classes. The concept flags are local (a derivative
+  times a presence) and miss a model that reads a *faint* pattern: the decoy-trained CNN's
+  classes 8 and 9, whose decoy squares are the darkest, lose 30–50 accuracy points when the
+  decoy is repainted, yet no concept there has a mostly off-map contribution. The swap is a
+  counterfactual and sees them; a class whose accuracy falls by ``flag_background`` or more is
+  flagged as background-reliant;
 - ``profile`` ``(k, n_crops)``: each concept's NMF coefficients on the class's crops. The same
   images cut with the same patch size give the same crops whatever the model, so this row is a
   signature that does not depend on the model's channel space: :func:`compare_section` and
@@ -109,6 +116,10 @@ class AtlasSettings:
             decoy-trained 1-Lipschitz CNN (the classes where painting the decoy black costs the
             most accuracy: 97, 98, 71 and 50 points), one class of the harmonized CNN (an
             off-map background concept, importance 0.10) and none of ``configs/digits.yaml``.
+        background_donors: images of other classes whose background each image is shown with in
+            the background swap (:func:`background_swap`); 0 turns the swap off.
+        flag_background: a class is flagged as background-reliant when the swap lowers its
+            accuracy by at least this much (0.10: ten points).
         important_min_share: a concept counts as important when it is the top concept of at
             least this share of the class's images.
         split: data split the images come from (the command reads it).
@@ -135,6 +146,8 @@ class AtlasSettings:
     off_map_maps: str = "contribution"
     flag_importance: float = 0.1
     flag_off_map: float = 0.5
+    background_donors: int = 4
+    flag_background: float = 0.1
     important_min_share: float = 0.1
     split: str = "train"
     seed: int = 0
@@ -149,10 +162,10 @@ class AtlasSettings:
                      "top_classes", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"AtlasSettings.{name} must be >= 1; got {getattr(self, name)}")
-        for name in ("tint_images", "saliency_images", "tsne_min_images"):
+        for name in ("tint_images", "saliency_images", "tsne_min_images", "background_donors"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"AtlasSettings.{name} must be >= 0; got {getattr(self, name)}")
-        for name in ("map_threshold", "flag_importance", "flag_off_map", "important_min_share"):
+        for name in ("map_threshold", "flag_importance", "flag_off_map", "flag_background", "important_min_share"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ValueError(f"AtlasSettings.{name} must lie in [0, 1]; got {getattr(self, name)}")
         if self.off_map_maps not in ("contribution", "presence"):
@@ -203,6 +216,7 @@ class ClassAnalysis:
     saliency: Tensor  # (s, 1, H, W) saliency of the first s images
     alignment: Tensor | None  # (N,) per-image human alignment (NaN where an image has no map); None without maps
     certified: dict[str, Any] | None = None  # {"epsilons", "accuracy", "radii" (N,)}
+    background: dict[str, Any] | None = None  # background_swap's result; None without maps or donors
 
     @property
     def n_concepts(self) -> int:
@@ -255,6 +269,79 @@ def flag_concepts(importance: Tensor, off_map: Tensor | None, flag_importance: f
     if off_map is None:
         return torch.zeros(len(importance), dtype=torch.bool)
     return (importance >= flag_importance) & (off_map >= flag_off_map)
+
+
+def on_map(maps: Tensor, threshold: float) -> Tensor:
+    """``(N, 1, H, W)`` bool: pixels whose map value reaches ``threshold × `` the image's map maximum
+    (the complement of what :func:`off_map_share` counts as off-map; nothing for an all-zero map)."""
+    peak = maps.flatten(1).amax(1).view(-1, 1, 1, 1)
+    return (maps >= threshold * peak) & (peak > 0)
+
+
+def background_swap(
+    net: nn.Module,
+    images: Tensor,
+    maps: Tensor,
+    class_id: int,
+    donors: Tensor,
+    donor_maps: Tensor,
+    threshold: float,
+    per_image: int,
+    flag: float,
+    seed: int = 0,
+    examples: int = 4,
+    batch_size: int = 256,
+) -> dict[str, Any] | None:
+    """How much the class's accuracy depends on what lies *outside* the human maps.
+
+    Each mapped image keeps every pixel on its own human map or on the donor's, and takes the
+    rest (the background of both) from ``per_image`` images of *other* classes (``donors``,
+    drawn with ``seed``), so no stroke of the donor's object is pasted in. A model that reads
+    only what people look at keeps its predictions; one that reads a shortcut in the background
+    (a decoy square, a watermark, a typical backdrop) follows the donor's. Unlike the off-map
+    share of concept attributions this is a counterfactual, not a local derivative: it also
+    sees a model that reads a *dark* or missing pattern, where gradients are zero (the
+    decoy-trained CNN's classes 8 and 9, benchmarks/README.md).
+
+    Returns ``{"images", "donors", "accuracy", "swapped_accuracy", "drop", "flagged",
+    "originals", "examples", "example_original", "example_predicted"}``: ``drop`` = accuracy −
+    swapped accuracy, flagged when ``≥ flag``; the first ``examples`` mapped images
+    (``originals``, ``(e, C, H, W)``) with their first donor's background (``examples``) and
+    the predictions on both. ``None`` when no image or no donor has a map.
+    """
+    if images.ndim != 4 or maps.shape != (len(images), 1, *images.shape[-2:]):
+        raise ValueError(f"background swap: images {tuple(images.shape)} need maps (N, 1, H, W); got {tuple(maps.shape)}")
+    if donors.shape[1:] != images.shape[1:] or donor_maps.shape != (len(donors), 1, *images.shape[-2:]):
+        raise ValueError(f"background swap: donors {tuple(donors.shape)} and their maps {tuple(donor_maps.shape)} "
+                         f"must match the images {tuple(images.shape)}")
+    mapped = maps.flatten(1).amax(1) > 0
+    donor_mapped = donor_maps.flatten(1).amax(1) > 0
+    if per_image < 1 or not mapped.any() or not donor_mapped.any():
+        return None
+    x, keep = images[mapped], on_map(maps[mapped], threshold)
+    pool, pool_keep = donors[donor_mapped], on_map(donor_maps[donor_mapped], threshold)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + int(class_id))
+    draws = torch.randint(len(pool), (len(x), per_image), generator=generator)
+    device = next((q.device for q in net.parameters()), x.device)
+
+    def predict(batch: Tensor) -> Tensor:
+        with torch.no_grad():
+            return torch.cat([net(batch[s : s + batch_size].to(device)).argmax(1).cpu() for s in range(0, len(batch), batch_size)])
+
+    original = predict(x)
+    swapped = []
+    for j in range(per_image):
+        d = draws[:, j]
+        swapped.append(torch.where(keep | pool_keep[d], x, pool[d]))
+    composites = torch.cat(swapped)  # draw-major: composites[j * n + i] is image i with its j-th donor
+    predicted = predict(composites)
+    accuracy = float((original == class_id).float().mean())
+    swapped_accuracy = float((predicted == class_id).float().mean())
+    drop = accuracy - swapped_accuracy
+    shown = min(examples, len(x))
+    return {"images": int(len(x)), "donors": int(per_image), "accuracy": accuracy, "swapped_accuracy": swapped_accuracy,
+            "drop": drop, "flagged": bool(drop >= flag), "originals": x[:shown].clone(), "examples": composites[:shown].clone(),
+            "example_predicted": predicted[:shown].tolist(), "example_original": original[:shown].tolist()}
 
 
 def embed(vectors: Tensor, seed: int = 0, tsne_min_images: int = 20) -> tuple[Tensor, str]:
@@ -347,12 +434,15 @@ def analyze_class(
     name: str,
     settings: AtlasSettings,
     class_names: list[str],
+    donors: tuple[Tensor, Tensor] | None = None,
 ) -> ClassAnalysis:
     """The analysis of class ``class_id`` from its ``images`` ``(N, C, H, W)`` (see the module doc).
 
     ``model`` is an ``AlignedClassifier`` (its ``model`` is explained, its penalty gives the
     training saliency) or a plain classifier. ``maps`` ``(N, 1, H, W)`` human maps (all-zero rows:
-    no map) or ``None``. Runs on the model's device; returns CPU tensors.
+    no map) or ``None``. ``donors``: ``(images, maps)`` of *other* classes for the background
+    swap (:func:`background_swap`; skipped without them). Runs on the model's device; returns
+    CPU tensors.
     """
     if images.ndim != 4 or len(images) == 0:
         raise ValueError(f"class {class_id} ({name}): images must be a non-empty (N, C, H, W) batch; got shape {tuple(images.shape)}")
@@ -425,6 +515,13 @@ def analyze_class(
         predicted = logits.argmax(1)
         accuracy = float((predicted == labels).float().mean())
 
+        background = None
+        if maps_cpu is not None and donors is not None and settings.background_donors > 0:
+            background = background_swap(net, images, maps_cpu, class_id, donors[0].detach().float().cpu(),
+                                         donors[1].detach().float().cpu(), settings.map_threshold,
+                                         settings.background_donors, settings.flag_background, seed=settings.seed,
+                                         examples=settings.saliency_images, batch_size=settings.batch_size)
+
         explainer, _ = saliency_explainer(model)
         saliency = explainer.attribute(net, x, labels.to(device)).detach().float().cpu()  # (N, 1, H, W)
         alignment = None
@@ -457,7 +554,7 @@ def analyze_class(
         pictures=pictures, tint_maps=attributions[: settings.tint_images].clone(), class_effect=class_effect,
         off_map=off, flagged=flagged, proximity=_cosine(components, components).float(),
         embedding=embedding, embedding_method=method, saliency=saliency[: settings.saliency_images].clone(),
-        alignment=alignment, certified=certified,
+        alignment=alignment, certified=certified, background=background,
     )
 
 
@@ -528,6 +625,25 @@ def _concept_documents(a: ClassAnalysis, out: Path, image_dir: str) -> list[dict
     return concepts
 
 
+def _background_document(a: ClassAnalysis, out: Path, image_dir: str) -> dict[str, Any] | None:
+    """The CLASS document's ``background`` (:func:`background_swap`), its example PNGs written under ``out/image_dir``."""
+    b = a.background
+    if b is None:
+        return None
+
+    def name(c: int) -> str:
+        return a.class_names[c] if c < len(a.class_names) else str(c)
+
+    document = {key: b[key] for key in ("images", "donors", "accuracy", "swapped_accuracy", "drop", "flagged")}
+    document["threshold"] = float(a.settings.get("flag_background", 0.1))
+    document["examples"] = [
+        {"image": _write(_visible(b["originals"][i]), out, f"{image_dir}/background_original_{i}.png"),
+         "swapped": _write(_visible(b["examples"][i]), out, f"{image_dir}/background_swapped_{i}.png"),
+         "original_predicted": name(b["example_original"][i]), "predicted": name(b["example_predicted"][i])}
+        for i in range(len(b["examples"]))]
+    return document
+
+
 def class_document(a: ClassAnalysis, out: Path, image_dir: str) -> dict[str, Any]:
     """Write the class's PNGs under ``out/image_dir`` (e.g. ``img/class/3``) and return its CLASS document.
 
@@ -564,7 +680,7 @@ def class_document(a: ClassAnalysis, out: Path, image_dir: str) -> dict[str, Any
         "n_images": len(a.images), "accuracy": a.accuracy, "alignment": a.mean_alignment, "n_important": a.n_important,
         "concepts": concepts, "proximity": a.proximity.tolist(),
         "map": {"method": a.embedding_method, "points": points},
-        "saliency": saliency, "certified": certified,
+        "saliency": saliency, "certified": certified, "background": _background_document(a, out, image_dir),
         "flags": [j for j in range(a.n_concepts) if bool(a.flagged[j])],
         "compare": None, "timeline": None,
     }
@@ -615,6 +731,7 @@ def compare_section(a: ClassAnalysis, b: ClassAnalysis, label: str, out: Path, i
     if a.class_id != b.class_id:
         raise ValueError(f"compare: class {a.class_id} cannot be compared with class {b.class_id}")
     return {"label": str(label), "accuracy": b.accuracy, "alignment": b.mean_alignment,
+            "background": _background_document(b, Path(out), image_dir.strip("/")),
             "concepts": _concept_documents(b, Path(out), image_dir), "pairs": match_pairs(a, b)}
 
 

@@ -660,10 +660,24 @@ class AtlasRunner(pl.LightningModule):
         self.seconds[stage] = self.seconds.get(stage, 0.0) + now - start
         return now
 
+    def donors(self, c: int) -> tuple[Tensor, Tensor] | None:
+        """The mapped images of every *other* analysed class, with their maps: the backgrounds of
+        the background swap (``None`` when no other class has maps)."""
+        others = [self.images[k] for k in sorted(self.images) if k != c and self.images[k].maps is not None]
+        if not others:
+            return None
+        return torch.cat([o.images for o in others]), torch.cat([o.maps for o in others])
+
+    def images_digest(self, c: int) -> str:
+        """The cache key's image part: the class's images and the donors its background swap uses."""
+        donors = sorted(k for k in self.images if k != c and self.images[k].maps is not None)
+        parts = [self.images[c].digest()] + [self.images[k].digest() for k in donors]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
     def analysis(self, classifier: nn.Module, ckpt: Checkpoint, c: int) -> Any:
         """The class's analysis under ``ckpt`` from the cache, else computed and cached."""
         data = self.images[c]
-        key = cache_key(ckpt.digest, self.settings, c, data.digest(), hparams_digest(classifier), self.names)
+        key = cache_key(ckpt.digest, self.settings, c, self.images_digest(c), hparams_digest(classifier), self.names)
         start = time.perf_counter()
         found = self.cache.load(key)
         if found is not None:
@@ -676,7 +690,7 @@ class AtlasRunner(pl.LightningModule):
         maps = data.maps.to(device) if data.maps is not None else None
         with torch.enable_grad():
             result = _analysis_module().analyze_class(classifier, data.images.to(device), data.labels.to(device), maps, c,
-                                                      self.names[c], self.settings, self.names)
+                                                      self.names[c], self.settings, self.names, donors=self.donors(c))
         start = self._tick("analysis", start)
         self.cache.save(key, result)
         self.analysed += 1
@@ -714,7 +728,7 @@ class AtlasRunner(pl.LightningModule):
         every rank wrote (``None`` for a class whose analysis is not there)."""
         vectors: list[Tensor | None] = []
         for c in classes:
-            key = cache_key(self.job.main.digest, self.settings, c, self.images[c].digest(), hparams_digest(self.classifier),
+            key = cache_key(self.job.main.digest, self.settings, c, self.images_digest(c), hparams_digest(self.classifier),
                             self.names)
             found = self.cache.load(key)
             components = getattr(found, "components", None)  # None: not cached, or an analysis without a bank
@@ -793,6 +807,12 @@ def _flags(class_id: int, concepts: list[dict[str, Any]]) -> list[dict[str, Any]
             for c in concepts if c.get("flagged") and c.get("off_map_share") is not None]
 
 
+def _background_flags(class_id: int, background: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if not background or not background.get("flagged"):
+        return []
+    return [{"class": class_id, **{k: background[k] for k in ("drop", "accuracy", "swapped_accuracy")}}]
+
+
 def _certified_metrics(documents: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Certified accuracy at each ε over every analysed image (from the classes' sections)."""
     certified = [(d["certified"], d["n_images"]) for d in documents if d.get("certified")]
@@ -813,15 +833,17 @@ def index_document(*, model: nn.Module, main: Checkpoint, loaded: Loaded, settin
     arch_args = _jsonable(hp.get("arch_args") or getattr(loaded.module, "hparams", {}).get("arch_args") or {})
     num_classes = int(hp.get("num_classes") or getattr(loaded.module, "hparams", {}).get("num_classes") or 0)
     weights = [(d["accuracy"], d["n_images"]) for d in documents]
-    classes, flags = [], []
+    classes, flags, background_flags = [], [], []
     for d in documents:
         c = d["class"]["id"]
         top = d["concepts"][0] if d["concepts"] else None
         picture = (top.get("picture") or (top["crops"][0] if top["crops"] else None)) if top else None
         classes.append({"id": c, "name": d["class"]["name"], "page": f"class/{c}.html", "picture": picture,
                         "n_concepts": len(d["concepts"]), "n_important": d["n_important"], "accuracy": d["accuracy"],
-                        "alignment": d["alignment"], "flagged": list(d["flags"])})
+                        "alignment": d["alignment"], "flagged": list(d["flags"]),
+                        "background_drop": d["background"]["drop"] if d.get("background") else None})
         flags += _flags(c, d["concepts"])
+        background_flags += _background_flags(c, d.get("background"))
     compare_summary = None
     if compare is not None:
         sections = [(d["compare"], d["n_images"]) for d in documents if d.get("compare")]
@@ -830,6 +852,8 @@ def index_document(*, model: nn.Module, main: Checkpoint, loaded: Loaded, settin
             "accuracy": _weighted([(s["accuracy"], n) for s, n in sections]) or 0.0,
             "alignment": _weighted([(s["alignment"], n) for s, n in sections]),
             "flags": [f for d in documents if d.get("compare") for f in _flags(d["class"]["id"], d["compare"]["concepts"])],
+            "background_flags": [f for d in documents if d.get("compare")
+                                 for f in _background_flags(d["class"]["id"], d["compare"].get("background"))],
         }
     return {
         "schema": SCHEMA_VERSION,
@@ -847,6 +871,7 @@ def index_document(*, model: nn.Module, main: Checkpoint, loaded: Loaded, settin
         "settings": settings_dict(settings),
         "classes": classes,
         "flags": flags,
+        "background_flags": background_flags,
         "curves": curves,
         "compare": compare_summary,
         "timeline": {"page": "timeline.html", "checkpoints": [c.info() | {"checkpoint": str(c.path)} for c in timeline]}

@@ -26,7 +26,7 @@ from typing import Any
 
 import jsonschema
 
-SCHEMA_VERSION = "harmonia-atlas/1"
+SCHEMA_VERSION = "harmonia-atlas/2"
 
 _number = {"type": "number"}
 _maybe_number = {"type": ["number", "null"]}
@@ -86,11 +86,28 @@ _certified = {
     },
 }
 
+_background: dict[str, Any] = {  # null without human maps or without images of other classes
+    "type": ["object", "null"],
+    "required": ["images", "donors", "accuracy", "swapped_accuracy", "drop", "flagged", "threshold", "examples"],
+    "properties": {
+        "images": {"type": "integer", "minimum": 1},  # mapped images of the class
+        "donors": {"type": "integer", "minimum": 1},  # other-class backgrounds per image
+        "accuracy": _number, "swapped_accuracy": _number,
+        "drop": _number,  # accuracy − swapped accuracy
+        "flagged": {"type": "boolean"},  # drop ≥ threshold
+        "threshold": _number,
+        "examples": {"type": "array", "items": {
+            "type": "object", "required": ["image", "swapped", "original_predicted", "predicted"],
+            "properties": {"image": _path, "swapped": _path, "original_predicted": {"type": "string"},
+                           "predicted": {"type": "string"}}}},
+    },
+}
+
 CLASS_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
     "required": ["schema", "kind", "class", "n_images", "accuracy", "alignment", "n_important", "concepts",
-                 "proximity", "map", "saliency", "certified", "flags", "compare", "timeline"],
+                 "proximity", "map", "saliency", "certified", "background", "flags", "compare", "timeline"],
     "properties": {
         "schema": {"const": SCHEMA_VERSION},
         "kind": {"const": "class"},
@@ -117,11 +134,13 @@ CLASS_SCHEMA: dict[str, Any] = {
             "properties": {"image": _path, "human": _maybe_path, "saliency": _path, "alignment": _maybe_number,
                            "predicted": {"type": "integer"}}}},
         "certified": _certified,  # null unless the model is 1-Lipschitz
+        "background": _background,  # the background swap: does the class follow what lies off the human maps?
         "flags": {"type": "array", "items": {"type": "integer"}},  # ids of flagged concepts
         "compare": {  # null unless --compare: the same class of the other checkpoint
             "type": ["object", "null"],
-            "required": ["label", "accuracy", "alignment", "concepts", "pairs"],
+            "required": ["label", "accuracy", "alignment", "background", "concepts", "pairs"],
             "properties": {"label": {"type": "string"}, "accuracy": _number, "alignment": _maybe_number,
+                           "background": _background,
                            "concepts": {"type": "array", "items": _concept},
                            "pairs": {"type": "array", "items": _pair}},
         },
@@ -145,11 +164,16 @@ CLASS_SCHEMA: dict[str, Any] = {
     },
 }
 
+_background_flag: dict[str, Any] = {
+    "type": "object", "required": ["class", "drop", "accuracy", "swapped_accuracy"],
+    "properties": {"class": {"type": "integer"}, "drop": _number, "accuracy": _number, "swapped_accuracy": _number},
+}
+
 INDEX_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
-    "required": ["schema", "kind", "title", "created", "model", "metrics", "settings", "classes", "flags", "curves",
-                 "compare", "timeline"],
+    "required": ["schema", "kind", "title", "created", "model", "metrics", "settings", "classes", "flags",
+                 "background_flags", "curves", "compare", "timeline"],
     "properties": {
         "schema": {"const": SCHEMA_VERSION},
         "kind": {"const": "index"},
@@ -179,16 +203,19 @@ INDEX_SCHEMA: dict[str, Any] = {
         "settings": {"type": "object"},  # every analysis setting, shown on the index and keyed into the cache
         "classes": {"type": "array", "items": {
             "type": "object",
-            "required": ["id", "name", "page", "picture", "n_concepts", "n_important", "accuracy", "alignment", "flagged"],
+            "required": ["id", "name", "page", "picture", "n_concepts", "n_important", "accuracy", "alignment", "flagged",
+                         "background_drop"],
             "properties": {"id": {"type": "integer"}, "name": {"type": "string"}, "page": _path,
                            "picture": _maybe_path,  # the top concept's MACO picture (its top crop without MACO)
                            "n_concepts": {"type": "integer"}, "n_important": {"type": "integer"},
                            "accuracy": _number, "alignment": _maybe_number,
-                           "flagged": {"type": "array", "items": {"type": "integer"}}}}},
+                           "flagged": {"type": "array", "items": {"type": "integer"}},
+                           "background_drop": _maybe_number}}},
         "flags": {"type": "array", "items": {
             "type": "object", "required": ["class", "concept", "importance", "off_map_share"],
             "properties": {"class": {"type": "integer"}, "concept": {"type": "integer"},
                            "importance": _number, "off_map_share": _number}}},
+        "background_flags": {"type": "array", "items": _background_flag},  # background-reliant classes
         "curves": {  # null unless the run's logs were found: {name: [[step, value], ...]}
             "type": ["object", "null"],
             "required": ["source", "series"],
@@ -197,10 +224,12 @@ INDEX_SCHEMA: dict[str, Any] = {
                                "type": "array", "items": {"type": "array", "prefixItems": [_number, _number],
                                                           "minItems": 2, "maxItems": 2}}}},
         },
-        "compare": {"type": ["object", "null"], "required": ["label", "checkpoint", "accuracy", "alignment", "flags"],
+        "compare": {"type": ["object", "null"],
+                    "required": ["label", "checkpoint", "accuracy", "alignment", "flags", "background_flags"],
                     "properties": {"label": {"type": "string"}, "checkpoint": {"type": "string"},
                                    "accuracy": _number, "alignment": _maybe_number,
-                                   "flags": {"type": "array"}}},
+                                   "flags": {"type": "array"},
+                                   "background_flags": {"type": "array", "items": _background_flag}}},
         "timeline": {"type": ["object", "null"], "required": ["page", "checkpoints"],
                      "properties": {"page": _path, "checkpoints": {"type": "array"}}},
     },

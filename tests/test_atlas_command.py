@@ -368,3 +368,24 @@ def test_similar_concepts_are_the_closest_of_other_classes() -> None:
     assert [(m["class"], m["concept"]) for m in documents[0]["concepts"][1]["similar"]] == [(8, 0), (8, 1)]
     assert not add_similar_concepts(documents[:1], vectors[:1])  # one class: nothing to compare with
     assert not add_similar_concepts(documents, [vectors[0], None, vectors[2]])  # a bank missing: left as is
+
+
+def test_background_donors_come_from_the_other_mapped_classes(tmp_path: Path) -> None:
+    """Each donor is an image of another class with its own map; a class without maps gives none."""
+    images = {k: command.ClassImages(torch.full((3, 1, 4, 4), float(k)), torch.full((3,), k),
+                                     torch.full((3, 1, 4, 4), float(k + 1)), [0, 1, 2]) for k in range(4)}
+    images[3] = command.ClassImages(images[3].images, images[3].labels, None, [0, 1, 2])  # no maps: no donor
+    runner = command.AtlasRunner(torch.nn.Linear(16, 4), command.Job(main=None), images,
+                                 atlas_fakes.AtlasSettings(background_donors=1), ["0", "1", "2", "3"], tmp_path)
+    donors, maps = runner.donors(1)
+    assert sorted(donors[:, 0, 0, 0].tolist()) in ([0.0, 0.0, 2.0], [0.0, 2.0, 2.0])  # 3 images × 1 draw, classes 0 and 2
+    torch.testing.assert_close(maps[:, 0, 0, 0], donors[:, 0, 0, 0] + 1)  # each with its own map
+    assert runner.donors(1)[0].tolist() == donors.tolist()  # seeded
+    only = {0: images[0], 3: images[3]}
+    assert command.AtlasRunner(torch.nn.Linear(16, 4), command.Job(main=None), only, atlas_fakes.AtlasSettings(),
+                               ["0", "1", "2", "3"], tmp_path).donors(0) is None
+    # the cache key changes with the images the donors are drawn from
+    before = runner.images_digest(1)
+    runner.images[2] = command.ClassImages(images[2].images + 1, images[2].labels, images[2].maps, [0, 1, 2])
+    runner._digests.clear()
+    assert runner.images_digest(1) != before

@@ -652,6 +652,7 @@ class AtlasRunner(pl.LightningModule):
         self.heldout_fn = heldout
         self.heldout: float | None = None
         self.seconds: dict[str, float] = {}
+        self._digests: dict[int, str] = {}  # per class, computed once (hashing every image is not free)
         self.analysed = 0  # analyses computed (after predict: by every rank together)
         self.cached = 0  # analyses read from the cache (likewise)
 
@@ -660,18 +661,36 @@ class AtlasRunner(pl.LightningModule):
         self.seconds[stage] = self.seconds.get(stage, 0.0) + now - start
         return now
 
+    def _donor_classes(self, c: int) -> list[int]:
+        return [k for k in sorted(self.images) if k != c and self.images[k].maps is not None]
+
     def donors(self, c: int) -> tuple[Tensor, Tensor] | None:
-        """The mapped images of every *other* analysed class, with their maps: the backgrounds of
-        the background swap (``None`` when no other class has maps)."""
-        others = [self.images[k] for k in sorted(self.images) if k != c and self.images[k].maps is not None]
-        if not others:
+        """Backgrounds for class ``c``'s background swap: mapped images of the *other* analysed
+        classes with their maps, at most ``images × background_donors`` of them drawn without
+        replacement (seeded by ``c``), gathered without copying every class's images (an atlas
+        of many classes holds them all). ``None`` when no other class has maps."""
+        others = self._donor_classes(c)
+        sizes = torch.tensor([len(self.images[k].images) for k in others], dtype=torch.long)
+        total = int(sizes.sum())
+        if total == 0:
             return None
-        return torch.cat([o.images for o in others]), torch.cat([o.maps for o in others])
+        count = len(self.images[c].images) * max(1, int(getattr(self.settings, "background_donors", 4)))
+        generator = torch.Generator().manual_seed(int(c))
+        picks = torch.randperm(total, generator=generator)[:count].sort().values
+        which = torch.bucketize(picks, sizes.cumsum(0), right=True)  # the class of each pick
+        rows = picks - (sizes.cumsum(0) - sizes)[which]
+        images = torch.stack([self.images[others[w]].images[r] for w, r in zip(which.tolist(), rows.tolist())])
+        maps = torch.stack([self.images[others[w]].maps[r] for w, r in zip(which.tolist(), rows.tolist())])
+        return images, maps
+
+    def _digest(self, c: int) -> str:
+        if c not in self._digests:
+            self._digests[c] = self.images[c].digest()
+        return self._digests[c]
 
     def images_digest(self, c: int) -> str:
-        """The cache key's image part: the class's images and the donors its background swap uses."""
-        donors = sorted(k for k in self.images if k != c and self.images[k].maps is not None)
-        parts = [self.images[c].digest()] + [self.images[k].digest() for k in donors]
+        """The cache key's image part: the class's images and those its background swap draws from."""
+        parts = [self._digest(c)] + [f"{k}:{self._digest(k)}" for k in self._donor_classes(c)]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     def analysis(self, classifier: nn.Module, ckpt: Checkpoint, c: int) -> Any:

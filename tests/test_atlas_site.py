@@ -142,7 +142,7 @@ def test_class_page_shows_the_background_swap(atlas: Path) -> None:
     html = (atlas / "class" / "1.html").read_text()
     section = html.split('<section id="background"')[1].split("</section>")[0]
     assert "⚑ background-reliant" in section and "drop 40.0%" in section
-    assert section.count("background_swapped_") == 2 and section.count('class="flag-text"') == 1  # the changed prediction
+    assert section.count("background_swapped_") == 2 and section.count('class="changed"') == 1  # the changed prediction
     assert '<section id="background"' in (atlas / "class" / "0.html").read_text()
     assert "⚑ background" not in (atlas / "class" / "0.html").read_text().split('<section id="background"')[1].split("</section>")[0]
 

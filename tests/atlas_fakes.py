@@ -152,7 +152,7 @@ def timeline_section(analyses: list[ClassAnalysis], checkpoints: list[dict[str, 
     assert len(analyses) == len(checkpoints)
     return {"checkpoints": checkpoints,
             "tracks": [{"concept": 0, "importance": [1.0 / x.n_concepts for x in analyses], "cosine": [None] * len(analyses)}],
-            "drift": [1.0] * (len(analyses) - 1), "weights_sums": [x.weights_sum for x in analyses]}
+            "drift": [1.0] * (len(analyses) - 1), "background": [None] * len(analyses), "weights_sums": [x.weights_sum for x in analyses]}
 
 
 def render_site(out: Path) -> list[Path]:

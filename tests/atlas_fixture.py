@@ -116,7 +116,8 @@ def class_document(out: Path, cid: int, *, compare: bool = True, timeline: bool 
         checkpoints = [{"label": f"epoch={e}", "epoch": e, "step": 50 * (e + 1)} for e in range(3)]
         tracks = [{"concept": j, "importance": [None if j == 3 else 0.25, round(0.2 + 0.05 * j, 3), IMPORTANCE[j]],
                    "cosine": [None, 0.7, 0.9]} for j in range(k)]
-        document["timeline"] = {"checkpoints": checkpoints, "tracks": tracks, "drift": [0.62, 0.91]}
+        document["timeline"] = {"checkpoints": checkpoints, "tracks": tracks, "drift": [0.62, 0.91],
+                                "background": [0.35, None, 0.05] if background else [None] * 3}
     validate(document, f"fixture class {cid}")
     return document
 

@@ -152,6 +152,10 @@ def test_timeline_follows_concepts_back(toy_analysis: ClassAnalysis):
         assert track["ids"] == [[1, 2, 0][mid], mid, j]
         assert track["cosine"][0] is None and track["cosine"][1:] == pytest.approx([1.0, 1.0], abs=1e-5)
         assert track["importance"] == pytest.approx([float(first.importance[track["ids"][0]])] * 3)
+    assert section["background"] == [None, None, None]  # the fixture analysis had no donors
+    swapped = copy.deepcopy(third)
+    swapped.background = {"drop": 0.25}
+    assert timeline_section([first, swapped], checkpoints[:2])["background"] == [None, 0.25]
     with pytest.raises(ValueError, match="checkpoints"):
         timeline_section([first], checkpoints)
 

@@ -122,6 +122,9 @@ def test_class_page_shows_each_section(atlas: Path) -> None:
     assert "top crop (MACO off)" in html  # class 2's last concept has no MACO picture
     assert 'rel="prev" href="../class/1.html"' in html and 'rel="next"' not in html
     assert "Unmatched in baseline" in html
+    timeline = html.split('<section id="timeline"')[1]
+    assert "Background swap drop" in timeline and timeline.count("35.0%") == 1 and "5.0%" in timeline
+    assert "Background swap drop: 35.0% → — → 5.0%" in (atlas / "timeline.html").read_text()
 
 
 def test_index_page_content(atlas: Path) -> None:

@@ -742,7 +742,8 @@ def timeline_section(analyses: list[ClassAnalysis], checkpoints: list[dict[str, 
     checkpoint is followed back through the matches. A track holds, per checkpoint, the
     matched concept's id (``ids``), importance and the cosine of the match that led to it from
     the previous checkpoint (``None`` at the first, and wherever the track is lost); ``drift``
-    is the mean matched cosine of each transition.
+    is the mean matched cosine of each transition; ``background`` the background swap's accuracy
+    drop at each checkpoint (``None`` where it was not measured).
     """
     if len(analyses) != len(checkpoints) or not analyses:
         raise ValueError(f"timeline: {len(analyses)} analyses for {len(checkpoints)} checkpoints (need the same, at least one)")
@@ -774,5 +775,6 @@ def timeline_section(analyses: list[ClassAnalysis], checkpoints: list[dict[str, 
             else:
                 current, cosine[t] = step[0], step[1]
         tracks.append({"concept": concept, "ids": ids, "importance": importance, "cosine": cosine})
+    background = [None if a.background is None else float(a.background["drop"]) for a in analyses]
     return {"checkpoints": [{"label": str(c["label"]), "epoch": c["epoch"], "step": c["step"]} for c in checkpoints],
-            "tracks": tracks, "drift": drift}
+            "tracks": tracks, "drift": drift, "background": background}

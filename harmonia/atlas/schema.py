@@ -146,7 +146,7 @@ CLASS_SCHEMA: dict[str, Any] = {
         },
         "timeline": {  # null unless --timeline: this class's concepts at every checkpoint of the run
             "type": ["object", "null"],
-            "required": ["checkpoints", "tracks", "drift"],
+            "required": ["checkpoints", "tracks", "drift", "background"],
             "properties": {
                 "checkpoints": {"type": "array", "items": {
                     "type": "object", "required": ["label", "epoch", "step"],
@@ -159,6 +159,7 @@ CLASS_SCHEMA: dict[str, Any] = {
                                    "importance": {"type": "array", "items": _maybe_number},
                                    "cosine": {"type": "array", "items": _maybe_number}}}},
                 "drift": {"type": "array", "items": _maybe_number},  # mean matched cosine, per transition
+                "background": {"type": "array", "items": _maybe_number},  # background swap drop per checkpoint
             },
         },
     },

@@ -70,6 +70,7 @@ def _background(out: Path, image_dir: str, cid: int, drop: float) -> dict[str, A
                  "original_predicted": NAMES[cid], "predicted": NAMES[(cid + 1) % len(NAMES)] if drop and i == 1 else NAMES[cid]}
                 for i in range(2)]
     return {"images": N_POINTS, "donors": 4, "accuracy": 0.9, "swapped_accuracy": round(0.9 - drop, 3), "drop": drop,
+            "drop_interval": [round(drop - 0.05, 3), round(drop + 0.05, 3)],
             "flagged": drop >= 0.1, "threshold": 0.1, "examples": examples}
 
 
@@ -154,6 +155,7 @@ def write_atlas(out: Path, *, n_classes: int = 3, compare: bool = True, timeline
                      "flag_off_map": 0.6, "maco": maco, "seed": 0},
         "classes": entries, "flags": flags,
         "background_flags": [{"class": e["id"], "drop": e["background_drop"], "accuracy": 0.9,
+                              "drop_interval": [e["background_drop"] - 0.05, e["background_drop"] + 0.05],
                               "swapped_accuracy": round(0.9 - e["background_drop"], 3)}
                              for e in entries if (e["background_drop"] or 0) >= 0.1],
         "curves": {"source": "runs/digits/csv/metrics.csv",
@@ -163,7 +165,8 @@ def write_atlas(out: Path, *, n_classes: int = 3, compare: bool = True, timeline
                               "saliency/gradient/alignment": [[100, 0.6], [200, 0.7]]}} if curves else None,
         "compare": {"label": "baseline", "checkpoint": "runs/digits_baseline/checkpoints/best.ckpt", "accuracy": 0.9,
                     "alignment": 0.2, "flags": [{"class": 2, "concept": 0, "importance": 0.42, "off_map_share": 0.85}],
-                    "background_flags": [{"class": 2, "drop": 0.3, "accuracy": 0.9, "swapped_accuracy": 0.6}] if background else []}
+                    "background_flags": [{"class": 2, "drop": 0.3, "drop_interval": [0.2, 0.4], "accuracy": 0.9,
+                                          "swapped_accuracy": 0.6}] if background else []}
         if compare else None,
         "timeline": {"page": "timeline.html",
                      "checkpoints": [{"label": f"epoch={e}", "epoch": e, "step": 50 * (e + 1)} for e in range(3)]}

@@ -208,6 +208,12 @@ def test_background_swap_flags_a_model_that_reads_the_background_only():
     images, maps, donors, donor_maps = _swap_data()
     corner = background_swap(_Reads(slice(0, 2), slice(0, 2)), images, maps, 1, donors, donor_maps, 0.5, 3, 0.1)
     assert corner["accuracy"] == 1.0 and corner["swapped_accuracy"] == 0.0 and corner["drop"] == 1.0 and corner["flagged"]
+    assert corner["drop_interval"] == [1.0, 1.0]  # every image flips: no spread
+    half_read = images.clone()
+    half_read[3:, :, :2, :2] = 0.0  # these three were never predicted 1: nothing to lose
+    mixed = background_swap(_Reads(slice(0, 2), slice(0, 2)), half_read, maps, 1, donors, donor_maps, 0.5, 3, 0.1)
+    half = 1.96 * torch.tensor([1.0, 1, 1, 0, 0, 0]).std().item() / 6 ** 0.5
+    assert mixed["drop"] == 0.5 and mixed["drop_interval"] == pytest.approx([0.5 - half, 0.5 + half])
     centre = background_swap(_Reads(slice(2, 6), slice(2, 6)), images, maps, 1, donors, donor_maps, 0.5, 3, 0.1)
     assert centre["drop"] == 0.0 and not centre["flagged"]  # the object is kept: the prediction stays
     assert corner["images"] == 6 and corner["donors"] == 3 and len(corner["examples"]) == 4
@@ -234,6 +240,7 @@ def test_analysis_runs_the_swap_only_with_donors(tmp_path: Path):
     with_donors = analyze_class(toy_model(), images, labels, maps, 1, "c1", settings, NAMES, donors=(donors, donor_maps))
     b = with_donors.background
     assert b is not None and b["images"] == 6 and b["donors"] == 2 and b["drop"] == b["accuracy"] - b["swapped_accuracy"]
+    assert b["drop_interval"][0] <= b["drop"] <= b["drop_interval"][1]
     document = class_document(with_donors, tmp_path, "img/class/1")
     assert document["background"]["threshold"] == settings.flag_background
     assert all((tmp_path / e["swapped"]).is_file() for e in document["background"]["examples"])

@@ -296,16 +296,17 @@ def background_swap(
 
     Each mapped image keeps every pixel on its own human map or on the donor's, and takes the
     rest (the background of both) from ``per_image`` images of *other* classes (``donors``,
-    drawn with ``seed``), so no stroke of the donor's object is pasted in. A model that reads
+    drawn with ``seed``, without replacement when there are enough), so no stroke of the donor's object is pasted in. A model that reads
     only what people look at keeps its predictions; one that reads a shortcut in the background
     (a decoy square, a watermark, a typical backdrop) follows the donor's. Unlike the off-map
     share of concept attributions this is a counterfactual, not a local derivative: it also
     sees a model that reads a *dark* or missing pattern, where gradients are zero (the
     decoy-trained CNN's classes 8 and 9, benchmarks/README.md).
 
-    Returns ``{"images", "donors", "accuracy", "swapped_accuracy", "drop", "flagged",
-    "originals", "examples", "example_original", "example_predicted"}``: ``drop`` = accuracy −
-    swapped accuracy, flagged when ``≥ flag``; the first ``examples`` mapped images
+    Returns ``{"images", "donors", "accuracy", "swapped_accuracy", "drop", "drop_interval",
+    "flagged", "originals", "examples", "example_original", "example_predicted"}``: ``drop`` =
+    accuracy − swapped accuracy (its normal 95% interval over the images in ``drop_interval``),
+    flagged when ``≥ flag``; the first ``examples`` mapped images
     (``originals``, ``(e, C, H, W)``) with their first donor's background (``examples``) and
     the predictions on both. ``None`` when no image or no donor has a map.
     """
@@ -321,7 +322,10 @@ def background_swap(
     x, keep = images[mapped], on_map(maps[mapped], threshold)
     pool, pool_keep = donors[donor_mapped], on_map(donor_maps[donor_mapped], threshold)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + int(class_id))
-    draws = torch.randint(len(pool), (len(x), per_image), generator=generator)
+    if len(pool) >= len(x) * per_image:  # every composite gets a donor of its own
+        draws = torch.randperm(len(pool), generator=generator)[: len(x) * per_image].view(len(x), per_image)
+    else:
+        draws = torch.randint(len(pool), (len(x), per_image), generator=generator)
     device = next((q.device for q in net.parameters()), x.device)
 
     def predict(batch: Tensor) -> Tensor:
@@ -337,10 +341,16 @@ def background_swap(
     predicted = predict(composites)
     accuracy = float((original == class_id).float().mean())
     swapped_accuracy = float((predicted == class_id).float().mean())
+    # Per image: correct before, minus the share of its composites still correct. Their mean is
+    # the drop; their spread gives a normal 95% interval, so a drop at the threshold on a few
+    # dozen images reads as the coin toss it is.
+    per_image_drop = (original == class_id).double() - (predicted.view(per_image, -1) == class_id).double().mean(0)
     drop = accuracy - swapped_accuracy
+    half = 1.96 * float(per_image_drop.std(unbiased=True)) / math.sqrt(len(x)) if len(x) > 1 else math.inf
+    interval = [max(-1.0, drop - half), min(1.0, drop + half)]
     shown = min(examples, len(x))
     return {"images": int(len(x)), "donors": int(per_image), "accuracy": accuracy, "swapped_accuracy": swapped_accuracy,
-            "drop": drop, "flagged": bool(drop >= flag), "originals": x[:shown].clone(), "examples": composites[:shown].clone(),
+            "drop": drop, "drop_interval": interval, "flagged": bool(drop >= flag), "originals": x[:shown].clone(), "examples": composites[:shown].clone(),
             "example_predicted": predicted[:shown].tolist(), "example_original": original[:shown].tolist()}
 
 
@@ -634,7 +644,7 @@ def _background_document(a: ClassAnalysis, out: Path, image_dir: str) -> dict[st
     def name(c: int) -> str:
         return a.class_names[c] if c < len(a.class_names) else str(c)
 
-    document = {key: b[key] for key in ("images", "donors", "accuracy", "swapped_accuracy", "drop", "flagged")}
+    document = {key: b[key] for key in ("images", "donors", "accuracy", "swapped_accuracy", "drop", "drop_interval", "flagged")}
     document["threshold"] = float(a.settings.get("flag_background", 0.1))
     document["examples"] = [
         {"image": _write(_visible(b["originals"][i]), out, f"{image_dir}/background_original_{i}.png"),

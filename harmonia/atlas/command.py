@@ -829,7 +829,7 @@ def _flags(class_id: int, concepts: list[dict[str, Any]]) -> list[dict[str, Any]
 def _background_flags(class_id: int, background: dict[str, Any] | None) -> list[dict[str, Any]]:
     if not background or not background.get("flagged"):
         return []
-    return [{"class": class_id, **{k: background[k] for k in ("drop", "accuracy", "swapped_accuracy")}}]
+    return [{"class": class_id, **{k: background[k] for k in ("drop", "drop_interval", "accuracy", "swapped_accuracy")}}]
 
 
 def _certified_metrics(documents: list[dict[str, Any]]) -> dict[str, Any] | None:

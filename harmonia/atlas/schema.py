@@ -88,12 +88,14 @@ _certified = {
 
 _background: dict[str, Any] = {  # null without human maps or without images of other classes
     "type": ["object", "null"],
-    "required": ["images", "donors", "accuracy", "swapped_accuracy", "drop", "flagged", "threshold", "examples"],
+    "required": ["images", "donors", "accuracy", "swapped_accuracy", "drop", "drop_interval", "flagged", "threshold",
+                 "examples"],
     "properties": {
         "images": {"type": "integer", "minimum": 1},  # mapped images of the class
         "donors": {"type": "integer", "minimum": 1},  # other-class backgrounds per image
         "accuracy": _number, "swapped_accuracy": _number,
         "drop": _number,  # accuracy − swapped accuracy
+        "drop_interval": {"type": "array", "items": _number, "minItems": 2, "maxItems": 2},  # normal 95%, over images
         "flagged": {"type": "boolean"},  # drop ≥ threshold
         "threshold": _number,
         "examples": {"type": "array", "items": {
@@ -166,8 +168,9 @@ CLASS_SCHEMA: dict[str, Any] = {
 }
 
 _background_flag: dict[str, Any] = {
-    "type": "object", "required": ["class", "drop", "accuracy", "swapped_accuracy"],
-    "properties": {"class": {"type": "integer"}, "drop": _number, "accuracy": _number, "swapped_accuracy": _number},
+    "type": "object", "required": ["class", "drop", "drop_interval", "accuracy", "swapped_accuracy"],
+    "properties": {"class": {"type": "integer"}, "drop": _number, "accuracy": _number, "swapped_accuracy": _number,
+                   "drop_interval": {"type": "array", "items": _number, "minItems": 2, "maxItems": 2}},
 }
 
 INDEX_SCHEMA: dict[str, Any] = {

@@ -1075,4 +1075,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(2)
     if result.index is not None:
         print(f"atlas of {len(result.index['classes'])} classes ({result.analysed} analysed, {result.cached} from "
-              f"the cache, {len(result.index['flags'])} flagged concepts): {result.out / 'index.html'}", flush=True)
+              f"the cache, {len(result.index['flags'])} flagged concepts, {len(result.index['background_flags'])} "
+              f"background-reliant classes): {result.out / 'index.html'}", flush=True)

@@ -271,6 +271,8 @@ def main() -> None:
         flags_extra[f"flagged_{prefix}harmonized"] = sorted({f["class"] for f in h_index["flags"]})
         flags_extra[f"background_reliant_{prefix}baseline"] = background_classes(b_index)
         flags_extra[f"background_reliant_{prefix}harmonized"] = background_classes(h_index)
+        flags_extra[f"background_flags_{prefix}baseline"] = b_index["background_flags"]  # drops, intervals, carriers
+        flags_extra[f"background_flags_{prefix}harmonized"] = h_index["background_flags"]
         flags_extra[f"decoy_dependent_{prefix}baseline"] = decoy_dependent_classes(b_ckpt)
         flags_extra[f"decoy_dependent_{prefix}harmonized"] = decoy_dependent_classes(h_ckpt)
     report = {

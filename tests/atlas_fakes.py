@@ -111,6 +111,7 @@ def _background(a: ClassAnalysis) -> dict[str, Any] | None:
     drop = 0.5 if a.class_id == 1 else 0.0
     return {"images": len(a.labels), "donors": 2, "accuracy": 1.0, "swapped_accuracy": 1.0 - drop, "drop": drop,
             "drop_interval": [drop - 0.1, drop + 0.1],
+            "concept_share": None, "carrier": None,
             "flagged": drop >= 0.1, "threshold": 0.1, "examples": []}
 
 

@@ -71,6 +71,7 @@ def _background(out: Path, image_dir: str, cid: int, drop: float) -> dict[str, A
                 for i in range(2)]
     return {"images": N_POINTS, "donors": 4, "accuracy": 0.9, "swapped_accuracy": round(0.9 - drop, 3), "drop": drop,
             "drop_interval": [round(drop - 0.05, 3), round(drop + 0.05, 3)],
+            "concept_share": [0.1, 0.6, 0.05, 0.0] if drop else [0.0] * 4, "carrier": 1 if drop >= 0.1 else None,
             "flagged": drop >= 0.1, "threshold": 0.1, "examples": examples}
 
 
@@ -156,6 +157,7 @@ def write_atlas(out: Path, *, n_classes: int = 3, compare: bool = True, timeline
         "classes": entries, "flags": flags,
         "background_flags": [{"class": e["id"], "drop": e["background_drop"], "accuracy": 0.9,
                               "drop_interval": [e["background_drop"] - 0.05, e["background_drop"] + 0.05],
+                              "concept": 1, "concept_share": 0.6,
                               "swapped_accuracy": round(0.9 - e["background_drop"], 3)}
                              for e in entries if (e["background_drop"] or 0) >= 0.1],
         "curves": {"source": "runs/digits/csv/metrics.csv",
@@ -165,7 +167,8 @@ def write_atlas(out: Path, *, n_classes: int = 3, compare: bool = True, timeline
                               "saliency/gradient/alignment": [[100, 0.6], [200, 0.7]]}} if curves else None,
         "compare": {"label": "baseline", "checkpoint": "runs/digits_baseline/checkpoints/best.ckpt", "accuracy": 0.9,
                     "alignment": 0.2, "flags": [{"class": 2, "concept": 0, "importance": 0.42, "off_map_share": 0.85}],
-                    "background_flags": [{"class": 2, "drop": 0.3, "drop_interval": [0.2, 0.4], "accuracy": 0.9,
+                    "background_flags": [{"class": 2, "drop": 0.3, "drop_interval": [0.2, 0.4], "accuracy": 0.9, "concept": None,
+                                          "concept_share": None,
                                           "swapped_accuracy": 0.6}] if background else []}
         if compare else None,
         "timeline": {"page": "timeline.html",

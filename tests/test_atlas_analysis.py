@@ -17,6 +17,7 @@ from harmonia.atlas.analysis import (
     AtlasSettings,
     ClassAnalysis,
     analyze_class,
+    background_concepts,
     background_swap,
     class_document,
     compare_section,
@@ -233,6 +234,23 @@ def test_background_swap_needs_maps_on_both_sides_and_checks_shapes():
     assert on_map(maps, 0.5).sum() == 6 * 16 and not on_map(torch.zeros_like(maps), 0.5).any()
 
 
+def test_background_concepts_split_the_drop_exactly_under_a_linear_head():
+    """The toy model's head after its concept layer is linear: restoring each concept gives back
+    exactly its part of the drop, so the shares add up to 1; no drop, no shares."""
+    images, labels, _ = toy_data(n=6)
+    craft = Craft(toy_model(), 2, n_concepts=3, patch_size=6, nb_design=4, seed=0, baseline=0.0)
+    bank = craft.fit(images, 1, importance=False)
+    composites = torch.cat([images * 1.5, images * 2.0])  # two "swaps" per image, draw-major
+    logits = craft.coefficient_logits(bank, craft.transform(bank, composites), composites)[:, 1]
+    originals = craft.coefficient_logits(bank, craft.transform(bank, images), images)[:, 1].repeat(2)
+    assert float((originals - logits).sum()) > 0  # a drop to share out
+    shares = background_concepts(craft, bank, 1, images, composites)
+    assert float(shares.sum()) == pytest.approx(1.0, abs=1e-4) and shares.abs().max() > 0.1
+    assert background_concepts(craft, bank, 1, images, images.repeat(2, 1, 1, 1)).abs().max() == 0  # nothing changed
+    with pytest.raises(ValueError, match="multiple"):
+        background_concepts(craft, bank, 1, images, composites[:7])
+
+
 def test_analysis_runs_the_swap_only_with_donors(tmp_path: Path):
     images, labels, maps = toy_data(n=6)
     donors, _, donor_maps = toy_data(n=5, seed=1)
@@ -241,6 +259,7 @@ def test_analysis_runs_the_swap_only_with_donors(tmp_path: Path):
     b = with_donors.background
     assert b is not None and b["images"] == 6 and b["donors"] == 2 and b["drop"] == b["accuracy"] - b["swapped_accuracy"]
     assert b["drop_interval"][0] <= b["drop"] <= b["drop_interval"][1]
+    assert len(b["concept_share"]) == settings.n_concepts
     document = class_document(with_donors, tmp_path, "img/class/1")
     assert document["background"]["threshold"] == settings.flag_background
     assert all((tmp_path / e["swapped"]).is_file() for e in document["background"]["examples"])

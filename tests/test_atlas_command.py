@@ -149,7 +149,7 @@ def test_defaults_come_from_the_run_and_no_run_directory_is_made(tmp_path: Path,
     # the background swap of each class gets the mapped images of the two other classes (3 each)
     assert [c for f, c in fakes if f == "donors"] == [6, 6, 6]
     assert index["background_flags"] == [{"class": 1, "drop": 0.5, "drop_interval": [0.4, 0.6], "accuracy": 1.0,
-                                          "swapped_accuracy": 0.5}]
+                                          "swapped_accuracy": 0.5, "concept": None, "concept_share": None}]
     assert [c["background_drop"] for c in index["classes"]] == [0.0, 0.5, 0.0]
     assert index["compare"] is None and index["timeline"] is None and index["curves"] is None
     for c in (0, 1, 2):

@@ -145,7 +145,11 @@ def test_class_page_shows_the_background_swap(atlas: Path) -> None:
     html = (atlas / "class" / "1.html").read_text()
     section = html.split('<section id="background"')[1].split("</section>")[0]
     assert "⚑ background-reliant" in section and "drop 40.0%" in section
-    assert section.count("background_swapped_") == 2 and section.count('class="changed"') == 1  # the changed prediction
+    assert section.count("background_swapped_") == 2 and section.count("(changed)") == 1 and "predicted two (changed)" in section
+    assert "c1 carries it." in section and 'href="#concept-1">c1</a> 60%' in section
+    assert html.count("⚑ carries the background dependence · 60%") == 1  # on concept c1's card
+    index = (atlas / "index.html").read_text()
+    assert 'href="class/1.html#concept-1">c1</a> (60% of the drop)' in index
     assert '<section id="background"' in (atlas / "class" / "0.html").read_text()
     assert "⚑ background" not in (atlas / "class" / "0.html").read_text().split('<section id="background"')[1].split("</section>")[0]
 

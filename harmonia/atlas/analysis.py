@@ -60,6 +60,7 @@ second copy of them):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,9 @@ class AtlasSettings:
             the background swap (:func:`background_swap`); 0 turns the swap off.
         flag_background: a class is flagged as background-reliant when the swap lowers its
             accuracy by at least this much (0.10: ten points).
+        background_carrier: in a background-reliant class, the concept with the largest share of
+            the swap's logit drop (:func:`background_concepts`) is named as carrying it when its
+            share reaches this (a quarter: below, no single concept stands out).
         important_min_share: a concept counts as important when it is the top concept of at
             least this share of the class's images.
         split: data split the images come from (the command reads it).
@@ -148,6 +152,7 @@ class AtlasSettings:
     flag_off_map: float = 0.5
     background_donors: int = 4
     flag_background: float = 0.1
+    background_carrier: float = 0.25
     important_min_share: float = 0.1
     split: str = "train"
     seed: int = 0
@@ -165,7 +170,8 @@ class AtlasSettings:
         for name in ("tint_images", "saliency_images", "tsne_min_images", "background_donors"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"AtlasSettings.{name} must be >= 0; got {getattr(self, name)}")
-        for name in ("map_threshold", "flag_importance", "flag_off_map", "flag_background", "important_min_share"):
+        for name in ("map_threshold", "flag_importance", "flag_off_map", "flag_background", "background_carrier",
+                     "important_min_share"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ValueError(f"AtlasSettings.{name} must lie in [0, 1]; got {getattr(self, name)}")
         if self.off_map_maps not in ("contribution", "presence"):
@@ -291,12 +297,14 @@ def background_swap(
     seed: int = 0,
     examples: int = 4,
     batch_size: int = 256,
+    concepts: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> dict[str, Any] | None:
     """How much the class's accuracy depends on what lies *outside* the human maps.
 
     Each mapped image keeps every pixel on its own human map or on the donor's, and takes the
     rest (the background of both) from ``per_image`` images of *other* classes (``donors``,
-    drawn with ``seed``, without replacement when there are enough), so no stroke of the donor's object is pasted in. A model that reads
+    drawn with ``seed``, without replacement when there are enough), so no stroke of the
+    donor's object is pasted in. A model that reads
     only what people look at keeps its predictions; one that reads a shortcut in the background
     (a decoy square, a watermark, a typical backdrop) follows the donor's. Unlike the off-map
     share of concept attributions this is a counterfactual, not a local derivative: it also
@@ -308,7 +316,9 @@ def background_swap(
     accuracy − swapped accuracy (its normal 95% interval over the images in ``drop_interval``),
     flagged when ``≥ flag``; the first ``examples`` mapped images
     (``originals``, ``(e, C, H, W)``) with their first donor's background (``examples``) and
-    the predictions on both. ``None`` when no image or no donor has a map.
+    the predictions on both. With ``concepts`` (``(originals (n, C, H, W), composites (m·n, C,
+    H, W), draw-major) → (k,)``, e.g. :func:`background_concepts`), also ``"concept_share"``: its
+    result as a list. ``None`` when no image or no donor has a map.
     """
     if images.ndim != 4 or maps.shape != (len(images), 1, *images.shape[-2:]):
         raise ValueError(f"background swap: images {tuple(images.shape)} need maps (N, 1, H, W); got {tuple(maps.shape)}")
@@ -349,9 +359,41 @@ def background_swap(
     half = 1.96 * float(per_image_drop.std(unbiased=True)) / math.sqrt(len(x)) if len(x) > 1 else math.inf
     interval = [max(-1.0, drop - half), min(1.0, drop + half)]
     shown = min(examples, len(x))
-    return {"images": int(len(x)), "donors": int(per_image), "accuracy": accuracy, "swapped_accuracy": swapped_accuracy,
+    share = None if concepts is None else [float(v) for v in concepts(x, composites)]
+    return {"concept_share": share, "images": int(len(x)), "donors": int(per_image), "accuracy": accuracy, "swapped_accuracy": swapped_accuracy,
             "drop": drop, "drop_interval": interval, "flagged": bool(drop >= flag), "originals": x[:shown].clone(), "examples": composites[:shown].clone(),
             "example_predicted": predicted[:shown].tolist(), "example_original": original[:shown].tolist()}
+
+
+def background_concepts(craft: Craft, bank: ConceptBank, class_id: int, originals: Tensor, composites: Tensor) -> Tensor:
+    """Which concepts carry a background swap's effect: ``(k,)``, each concept's share of the drop.
+
+    In concept space, the class logit of the composites' reconstructed activations (``h(U_s W)``)
+    against that of the originals' (``h(U_o W)``, each original repeated for its composites);
+    concept ``j``'s share is how much of that drop comes back when only its coefficients are
+    restored to the original's (``U_s`` with column ``j`` from ``U_o``), summed over the images.
+    Shares need not sum to 1 (the head is not additive); all 0 when the reconstruction shows no
+    drop. On the decoy-trained CNN one concept takes about half of the drop in each decoy class.
+    """
+    repeat = len(composites) // len(originals)
+    if repeat < 1 or repeat * len(originals) != len(composites):
+        raise ValueError(f"background concepts: {len(composites)} composites for {len(originals)} images (need a multiple)")
+    u_orig = craft.transform(bank, originals).repeat(repeat, *[1] * (originals.dim() - 1))
+    u_swap = craft.transform(bank, composites)
+
+    def logit(u: Tensor) -> Tensor:
+        return craft.coefficient_logits(bank, u, composites)[:, class_id].double()
+
+    swapped = logit(u_swap)
+    total = float((logit(u_orig) - swapped).sum())
+    if not total > 0:
+        return torch.zeros(bank.n_concepts)
+    shares = []
+    for j in range(bank.n_concepts):
+        mixed = u_swap.clone()
+        mixed[..., j] = u_orig[..., j]
+        shares.append(float((logit(mixed) - swapped).sum()) / total)
+    return torch.tensor(shares)
 
 
 def embed(vectors: Tensor, seed: int = 0, tsne_min_images: int = 20) -> tuple[Tensor, str]:
@@ -530,7 +572,9 @@ def analyze_class(
             background = background_swap(net, images, maps_cpu, class_id, donors[0].detach().float().cpu(),
                                          donors[1].detach().float().cpu(), settings.map_threshold,
                                          settings.background_donors, settings.flag_background, seed=settings.seed,
-                                         examples=settings.saliency_images, batch_size=settings.batch_size)
+                                         examples=settings.saliency_images, batch_size=settings.batch_size,
+                                         concepts=lambda x0, xs: background_concepts(craft, bank, class_id, x0.to(device),
+                                                                                     xs.to(device)))
 
         explainer, _ = saliency_explainer(model)
         saliency = explainer.attribute(net, x, labels.to(device)).detach().float().cpu()  # (N, 1, H, W)
@@ -646,6 +690,13 @@ def _background_document(a: ClassAnalysis, out: Path, image_dir: str) -> dict[st
 
     document = {key: b[key] for key in ("images", "donors", "accuracy", "swapped_accuracy", "drop", "drop_interval", "flagged")}
     document["threshold"] = float(a.settings.get("flag_background", 0.1))
+    share = b.get("concept_share")
+    document["concept_share"] = share
+    carrier = None
+    if share and b["flagged"]:
+        top = max(range(len(share)), key=lambda j: share[j])
+        carrier = top if share[top] >= float(a.settings.get("background_carrier", 0.25)) else None
+    document["carrier"] = carrier
     document["examples"] = [
         {"image": _write(_visible(b["originals"][i]), out, f"{image_dir}/background_original_{i}.png"),
          "swapped": _write(_visible(b["examples"][i]), out, f"{image_dir}/background_swapped_{i}.png"),

@@ -829,7 +829,10 @@ def _flags(class_id: int, concepts: list[dict[str, Any]]) -> list[dict[str, Any]
 def _background_flags(class_id: int, background: dict[str, Any] | None) -> list[dict[str, Any]]:
     if not background or not background.get("flagged"):
         return []
-    return [{"class": class_id, **{k: background[k] for k in ("drop", "drop_interval", "accuracy", "swapped_accuracy")}}]
+    carrier = background.get("carrier")
+    share = background["concept_share"][carrier] if carrier is not None else None
+    return [{"class": class_id, **{k: background[k] for k in ("drop", "drop_interval", "accuracy", "swapped_accuracy")},
+             "concept": carrier, "concept_share": share}]
 
 
 def _certified_metrics(documents: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -89,7 +89,7 @@ _certified = {
 _background: dict[str, Any] = {  # null without human maps or without images of other classes
     "type": ["object", "null"],
     "required": ["images", "donors", "accuracy", "swapped_accuracy", "drop", "drop_interval", "flagged", "threshold",
-                 "examples"],
+                 "concept_share", "carrier", "examples"],
     "properties": {
         "images": {"type": "integer", "minimum": 1},  # mapped images of the class
         "donors": {"type": "integer", "minimum": 1},  # other-class backgrounds per image
@@ -98,6 +98,9 @@ _background: dict[str, Any] = {  # null without human maps or without images of 
         "drop_interval": {"type": "array", "items": _number, "minItems": 2, "maxItems": 2},  # normal 95%, over images
         "flagged": {"type": "boolean"},  # drop ≥ threshold
         "threshold": _number,
+        # per concept (rank order): the share of the swap's logit drop that restoring it brings back
+        "concept_share": {"type": ["array", "null"], "items": _number},
+        "carrier": {"type": ["integer", "null"]},  # the concept named as carrying a flagged drop
         "examples": {"type": "array", "items": {
             "type": "object", "required": ["image", "swapped", "original_predicted", "predicted"],
             "properties": {"image": _path, "swapped": _path, "original_predicted": {"type": "string"},
@@ -168,8 +171,9 @@ CLASS_SCHEMA: dict[str, Any] = {
 }
 
 _background_flag: dict[str, Any] = {
-    "type": "object", "required": ["class", "drop", "drop_interval", "accuracy", "swapped_accuracy"],
+    "type": "object", "required": ["class", "drop", "drop_interval", "accuracy", "swapped_accuracy", "concept", "concept_share"],
     "properties": {"class": {"type": "integer"}, "drop": _number, "accuracy": _number, "swapped_accuracy": _number,
+                   "concept": {"type": ["integer", "null"]}, "concept_share": _maybe_number,
                    "drop_interval": {"type": "array", "items": _number, "minItems": 2, "maxItems": 2}},
 }
 

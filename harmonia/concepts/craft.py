@@ -266,6 +266,28 @@ class Craft:
         masks[1:].fill_diagonal_(0.0)  # row 0: every concept; row j + 1: all but concept j
         return torch.cat([logits[:, :1] - logits[:, 1:] for logits in self._masked_logits(bank, images, masks)])
 
+    def coefficient_logits(self, bank: ConceptBank, u: Tensor, images: Tensor | None = None,
+                           blank: Tensor | None = None) -> Tensor:
+        """``h(g(blank) + u W)``: float32 logits ``(N, classes)`` of the activations rebuilt from
+        coefficients ``u`` ``(N, *S, k)`` (as :meth:`transform` gives them) of images of
+        ``images``' shape; ``images`` ``(N, C, H, W)`` (their shape; the pixels too for a split
+        that needs the input). No ``g(blank)`` without a baseline; ``blank``: it, already computed.
+        """
+        if images is None:
+            raise ValueError("coefficient_logits needs the images (their shape, and the pixels for some layers)")
+        w = bank.components.to(self.device, u.dtype)
+        if blank is None:
+            blank = self.blank_activations(tuple(images.shape[1:]))
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(u), self.batch_size):
+                acts = (u[s : s + self.batch_size].to(self.device) @ w).movedim(-1, 1)
+                if blank is not None:
+                    acts = acts + blank.to(acts.dtype)  # a missing concept reads as empty image there
+                x = images[s : s + self.batch_size].to(self.device) if self.split.needs_input else None
+                out.append(self.split.logits(acts, x).float())
+        return torch.cat(out)
+
     def _masked_logits(self, bank: ConceptBank, images: Tensor, masks: Tensor) -> Iterator[Tensor]:
         """``h(g(blank) + (u ⊙ m) W)`` for every image and mask row, a chunk of images at a time:
         ``(images in the chunk, rows, classes)`` float32 logits (no ``g(blank)`` without a baseline)."""
@@ -273,25 +295,15 @@ class Craft:
         rows = len(masks)
         u = self.transform(bank, images)  # (N, *S, k)
         spatial = u.shape[1:-1]
-        w = bank.components.to(self.device, u.dtype)
-        blank = self.blank_activations(tuple(images.shape[1:]))
         per_chunk = max(1, self.batch_size // rows)
-        with torch.no_grad():
-            for start in range(0, len(u), per_chunk):
-                chunk = u[start : start + per_chunk]
-                c = len(chunk)
-                masked = chunk[:, None] * masks.view(1, rows, *[1] * len(spatial), k).to(u.dtype)
-                acts = (masked @ w).movedim(-1, 2).reshape(c * rows, w.shape[1], *spatial)
-                if blank is not None:
-                    acts = acts + blank.to(acts.dtype)  # a masked concept reads as empty image there
-                inputs = None
-                if self.split.needs_input:
-                    x = images[start : start + c].to(self.device)
-                    inputs = x[:, None].expand(c, rows, *x.shape[1:]).reshape(c * rows, *x.shape[1:])
-                yield torch.cat([
-                    self.split.logits(acts[s : s + self.batch_size], None if inputs is None else inputs[s : s + self.batch_size])
-                    for s in range(0, len(acts), self.batch_size)
-                ]).float().view(c, rows, -1)
+        blank = self.blank_activations(tuple(images.shape[1:]))
+        for start in range(0, len(u), per_chunk):
+            chunk = u[start : start + per_chunk]
+            c = len(chunk)
+            masked = chunk[:, None] * masks.view(1, rows, *[1] * len(spatial), k).to(u.dtype)
+            x = images[start : start + c]
+            x = x[:, None].expand(c, rows, *x.shape[1:]).reshape(c * rows, *x.shape[1:])
+            yield self.coefficient_logits(bank, masked.reshape(c * rows, *spatial, k), x, blank).view(c, rows, -1)
 
     def attribution_maps(self, bank: ConceptBank, images: Tensor) -> Tensor:
         """Where each concept is in each image: ``(N, k, H, W)`` ≥ 0.

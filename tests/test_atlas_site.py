@@ -12,7 +12,7 @@ import pytest
 from atlas_fixture import IMPORTANCE, NAMES, write_atlas
 
 from harmonia.atlas.browser import chromium_available, check_site
-from harmonia.atlas.render import bar_chart, check_links, heatmap, line_chart, network_urls, render_site
+from harmonia.atlas.render import bar_chart, check_links, fmt_pct, heatmap, line_chart, network_urls, render_site
 from harmonia.atlas.schema import validate
 
 
@@ -230,3 +230,7 @@ def test_real_browser_reports_a_broken_site(atlas: Path) -> None:
     assert any("concept_0_tint_0.png" in b for b in report.broken_images)
     assert any("undefinedFunction" in e for e in report.console_errors)
     assert report.errors >= 2
+
+
+def test_percentages_never_read_minus_zero() -> None:
+    assert (fmt_pct(-0.0001, 0), fmt_pct(-0.0004), fmt_pct(-0.02, 0), fmt_pct(0.5), fmt_pct(None)) == ("0%", "0.0%", "-2%", "50.0%", "—")

@@ -35,7 +35,8 @@ def fmt_pct(value: float | None, digits: int = 1) -> str:
     """``0.1234`` → ``"12.3%"``; ``None`` → an em dash (a value the atlas could not compute)."""
     if value is None:
         return "—"
-    return f"{100 * value:.{digits}f}%"
+    text = f"{100 * value:.{digits}f}"
+    return f"{text.lstrip('-') if float(text) == 0 else text}%"  # a tiny negative is 0%, not -0%
 
 
 def fmt_num(value: float | None, digits: int = 3) -> str:

@@ -247,6 +247,9 @@ def test_background_concepts_split_the_drop_exactly_under_a_linear_head():
     shares = background_concepts(craft, bank, 1, images, composites)
     assert float(shares.sum()) == pytest.approx(1.0, abs=1e-4) and shares.abs().max() > 0.1
     assert background_concepts(craft, bank, 1, images, images.repeat(2, 1, 1, 1)).abs().max() == 0  # nothing changed
+    flat = Craft(toy_model(), 3, n_concepts=3, patch_size=6, nb_design=4, seed=0, baseline=0.0)  # no spatial dims
+    flat_bank = flat.fit(images, 1, importance=False)
+    assert float(background_concepts(flat, flat_bank, 1, images, composites).sum()) == pytest.approx(1.0, abs=1e-4)
     with pytest.raises(ValueError, match="multiple"):
         background_concepts(craft, bank, 1, images, composites[:7])
 

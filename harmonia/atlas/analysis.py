@@ -378,7 +378,8 @@ def background_concepts(craft: Craft, bank: ConceptBank, class_id: int, original
     repeat = len(composites) // len(originals)
     if repeat < 1 or repeat * len(originals) != len(composites):
         raise ValueError(f"background concepts: {len(composites)} composites for {len(originals)} images (need a multiple)")
-    u_orig = craft.transform(bank, originals).repeat(repeat, *[1] * (originals.dim() - 1))
+    u_orig = craft.transform(bank, originals)  # (n, *S, k): with or without spatial dims
+    u_orig = u_orig.repeat(repeat, *[1] * (u_orig.dim() - 1))
     u_swap = craft.transform(bank, composites)
 
     def logit(u: Tensor) -> Tensor:

@@ -210,6 +210,9 @@ def test_background_swap_flags_a_model_that_reads_the_background_only():
     corner = background_swap(_Reads(slice(0, 2), slice(0, 2)), images, maps, 1, donors, donor_maps, 0.5, 3, 0.1)
     assert corner["accuracy"] == 1.0 and corner["swapped_accuracy"] == 0.0 and corner["drop"] == 1.0 and corner["flagged"]
     assert corner["drop_interval"] == [1.0, 1.0]  # every image flips: no spread
+    known = background_swap(_Reads(slice(0, 2), slice(0, 2)), images, maps, 1, donors, donor_maps, 0.5, 3, 0.1,
+                            predicted=torch.tensor([1, 1, 1, 0, 0, 0]))  # predictions already made are not made again
+    assert known["accuracy"] == 0.5 and known["example_original"] == [1, 1, 1, 0]
     half_read = images.clone()
     half_read[3:, :, :2, :2] = 0.0  # these three were never predicted 1: nothing to lose
     mixed = background_swap(_Reads(slice(0, 2), slice(0, 2)), half_read, maps, 1, donors, donor_maps, 0.5, 3, 0.1)
@@ -241,8 +244,9 @@ def test_background_concepts_split_the_drop_exactly_under_a_linear_head():
     craft = Craft(toy_model(), 2, n_concepts=3, patch_size=6, nb_design=4, seed=0, baseline=0.0)
     bank = craft.fit(images, 1, importance=False)
     composites = torch.cat([images * 1.5, images * 2.0])  # two "swaps" per image, draw-major
-    logits = craft.coefficient_logits(bank, craft.transform(bank, composites), composites)[:, 1]
-    originals = craft.coefficient_logits(bank, craft.transform(bank, images), images)[:, 1].repeat(2)
+    shape = tuple(images.shape[1:])
+    logits = craft.coefficient_logits(bank, craft.transform(bank, composites), shape)[:, 1]
+    originals = craft.coefficient_logits(bank, craft.transform(bank, images), shape)[:, 1].repeat(2)
     assert float((originals - logits).sum()) > 0  # a drop to share out
     shares = background_concepts(craft, bank, 1, images, composites)
     assert float(shares.sum()) == pytest.approx(1.0, abs=1e-4) and shares.abs().max() > 0.1

@@ -298,15 +298,16 @@ def background_swap(
     examples: int = 4,
     batch_size: int = 256,
     concepts: Callable[[Tensor, Tensor], Tensor] | None = None,
+    predicted: Tensor | None = None,
 ) -> dict[str, Any] | None:
     """How much the class's accuracy depends on what lies *outside* the human maps.
 
     Each mapped image keeps every pixel on its own human map or on the donor's, and takes the
     rest (the background of both) from ``per_image`` images of *other* classes (``donors``,
     drawn with ``seed``, without replacement when there are enough), so no stroke of the
-    donor's object is pasted in. A model that reads
-    only what people look at keeps its predictions; one that reads a shortcut in the background
-    (a decoy square, a watermark, a typical backdrop) follows the donor's. Unlike the off-map
+    donor's object is pasted in. A model that reads only what people look at keeps its
+    predictions; one that reads a shortcut in the background (a decoy square, a watermark, a
+    typical backdrop) follows the donor's. Unlike the off-map
     share of concept attributions this is a counterfactual, not a local derivative: it also
     sees a model that reads a *dark* or missing pattern, where gradients are zero (the
     decoy-trained CNN's classes 8 and 9, benchmarks/README.md).
@@ -318,7 +319,8 @@ def background_swap(
     (``originals``, ``(e, C, H, W)``) with their first donor's background (``examples``) and
     the predictions on both. With ``concepts`` (``(originals (n, C, H, W), composites (m·n, C,
     H, W), draw-major) → (k,)``, e.g. :func:`background_concepts`), also ``"concept_share"``: its
-    result as a list. ``None`` when no image or no donor has a map.
+    result as a list. ``predicted`` ``(N,)``: the model's predictions on ``images`` when they are
+    already known (they are not computed again). ``None`` when no image or no donor has a map.
     """
     if images.ndim != 4 or maps.shape != (len(images), 1, *images.shape[-2:]):
         raise ValueError(f"background swap: images {tuple(images.shape)} need maps (N, 1, H, W); got {tuple(maps.shape)}")
@@ -342,27 +344,28 @@ def background_swap(
         with torch.no_grad():
             return torch.cat([net(batch[s : s + batch_size].to(device)).argmax(1).cpu() for s in range(0, len(batch), batch_size)])
 
-    original = predict(x)
+    original = predict(x) if predicted is None else predicted.cpu()[mapped.cpu()]
     swapped = []
     for j in range(per_image):
         d = draws[:, j]
         swapped.append(torch.where(keep | pool_keep[d], x, pool[d]))
     composites = torch.cat(swapped)  # draw-major: composites[j * n + i] is image i with its j-th donor
-    predicted = predict(composites)
+    on_swapped = predict(composites)
     accuracy = float((original == class_id).float().mean())
-    swapped_accuracy = float((predicted == class_id).float().mean())
+    swapped_accuracy = float((on_swapped == class_id).float().mean())
     # Per image: correct before, minus the share of its composites still correct. Their mean is
     # the drop; their spread gives a normal 95% interval, so a drop at the threshold on a few
     # dozen images reads as the coin toss it is.
-    per_image_drop = (original == class_id).double() - (predicted.view(per_image, -1) == class_id).double().mean(0)
+    per_image_drop = (original == class_id).double() - (on_swapped.view(per_image, -1) == class_id).double().mean(0)
     drop = accuracy - swapped_accuracy
     half = 1.96 * float(per_image_drop.std(unbiased=True)) / math.sqrt(len(x)) if len(x) > 1 else math.inf
     interval = [max(-1.0, drop - half), min(1.0, drop + half)]
     shown = min(examples, len(x))
     share = None if concepts is None else [float(v) for v in concepts(x, composites)]
-    return {"concept_share": share, "images": int(len(x)), "donors": int(per_image), "accuracy": accuracy, "swapped_accuracy": swapped_accuracy,
-            "drop": drop, "drop_interval": interval, "flagged": bool(drop >= flag), "originals": x[:shown].clone(), "examples": composites[:shown].clone(),
-            "example_predicted": predicted[:shown].tolist(), "example_original": original[:shown].tolist()}
+    return {"images": int(len(x)), "donors": int(per_image), "accuracy": accuracy, "swapped_accuracy": swapped_accuracy,
+            "drop": drop, "drop_interval": interval, "flagged": bool(drop >= flag), "concept_share": share,
+            "originals": x[:shown].clone(), "examples": composites[:shown].clone(),
+            "example_original": original[:shown].tolist(), "example_predicted": on_swapped[:shown].tolist()}
 
 
 def background_concepts(craft: Craft, bank: ConceptBank, class_id: int, originals: Tensor, composites: Tensor) -> Tensor:
@@ -382,8 +385,11 @@ def background_concepts(craft: Craft, bank: ConceptBank, class_id: int, original
     u_orig = u_orig.repeat(repeat, *[1] * (u_orig.dim() - 1))
     u_swap = craft.transform(bank, composites)
 
+    shape = tuple(composites.shape[1:])
+    blank = craft.blank_activations(shape)  # once for the k + 2 passes below
+
     def logit(u: Tensor) -> Tensor:
-        return craft.coefficient_logits(bank, u, composites)[:, class_id].double()
+        return craft.coefficient_logits(bank, u, shape, composites, blank)[:, class_id].double()
 
     swapped = logit(u_swap)
     total = float((logit(u_orig) - swapped).sum())
@@ -575,7 +581,8 @@ def analyze_class(
                                          settings.background_donors, settings.flag_background, seed=settings.seed,
                                          examples=settings.saliency_images, batch_size=settings.batch_size,
                                          concepts=lambda x0, xs: background_concepts(craft, bank, class_id, x0.to(device),
-                                                                                     xs.to(device)))
+                                                                                     xs.to(device)),
+                                         predicted=predicted)
 
         explainer, _ = saliency_explainer(model)
         saliency = explainer.attribute(net, x, labels.to(device)).detach().float().cpu()  # (N, 1, H, W)

@@ -439,7 +439,7 @@ def render_site(out: Path) -> list[Path]:
                 continue
             legend = [{"name": f"c{c['id']}", "color": c["color"]} for c in sorted(doc["concepts"], key=lambda c: c["id"])]
             rows.append({"entry": entry, "chart": timeline_chart(doc), "drift": doc["timeline"]["drift"],
-                         "background": doc["timeline"].get("background") or [], "legend": legend})
+                         "background": doc["timeline"]["background"], "legend": legend})
         write("timeline.html", "timeline.html", index=index, rows=rows)
     elif timeline.exists():
         timeline.unlink()

@@ -266,25 +266,26 @@ class Craft:
         masks[1:].fill_diagonal_(0.0)  # row 0: every concept; row j + 1: all but concept j
         return torch.cat([logits[:, :1] - logits[:, 1:] for logits in self._masked_logits(bank, images, masks)])
 
-    def coefficient_logits(self, bank: ConceptBank, u: Tensor, images: Tensor | None = None,
+    def coefficient_logits(self, bank: ConceptBank, u: Tensor, shape: tuple[int, ...], inputs: Tensor | None = None,
                            blank: Tensor | None = None) -> Tensor:
         """``h(g(blank) + u W)``: float32 logits ``(N, classes)`` of the activations rebuilt from
         coefficients ``u`` ``(N, *S, k)`` (as :meth:`transform` gives them) of images of
-        ``images``' shape; ``images`` ``(N, C, H, W)`` (their shape; the pixels too for a split
-        that needs the input). No ``g(blank)`` without a baseline; ``blank``: it, already computed.
+        ``shape`` ``(C, H, W)``. ``inputs``: the images themselves, row by row with ``u``, which
+        only a layer whose head reads the input needs. No ``g(blank)`` without a baseline;
+        ``blank``: it, already computed.
         """
-        if images is None:
-            raise ValueError("coefficient_logits needs the images (their shape, and the pixels for some layers)")
+        if self.split.needs_input and inputs is None:
+            raise ValueError(f"layer {self.split.name!r}: the head reads the input; pass the images as inputs")
         w = bank.components.to(self.device, u.dtype)
         if blank is None:
-            blank = self.blank_activations(tuple(images.shape[1:]))
+            blank = self.blank_activations(tuple(shape))
         out = []
         with torch.no_grad():
             for s in range(0, len(u), self.batch_size):
                 acts = (u[s : s + self.batch_size].to(self.device) @ w).movedim(-1, 1)
                 if blank is not None:
                     acts = acts + blank.to(acts.dtype)  # a missing concept reads as empty image there
-                x = images[s : s + self.batch_size].to(self.device) if self.split.needs_input else None
+                x = inputs[s : s + self.batch_size].to(self.device) if self.split.needs_input else None
                 out.append(self.split.logits(acts, x).float())
         return torch.cat(out)
 
@@ -296,14 +297,17 @@ class Craft:
         u = self.transform(bank, images)  # (N, *S, k)
         spatial = u.shape[1:-1]
         per_chunk = max(1, self.batch_size // rows)
-        blank = self.blank_activations(tuple(images.shape[1:]))
+        shape = tuple(images.shape[1:])
+        blank = self.blank_activations(shape)
         for start in range(0, len(u), per_chunk):
             chunk = u[start : start + per_chunk]
             c = len(chunk)
             masked = chunk[:, None] * masks.view(1, rows, *[1] * len(spatial), k).to(u.dtype)
-            x = images[start : start + c]
-            x = x[:, None].expand(c, rows, *x.shape[1:]).reshape(c * rows, *x.shape[1:])
-            yield self.coefficient_logits(bank, masked.reshape(c * rows, *spatial, k), x, blank).view(c, rows, -1)
+            inputs = None
+            if self.split.needs_input:  # one copy of each image per mask row, only where the head reads it
+                x = images[start : start + c]
+                inputs = x[:, None].expand(c, rows, *x.shape[1:]).reshape(c * rows, *x.shape[1:])
+            yield self.coefficient_logits(bank, masked.reshape(c * rows, *spatial, k), shape, inputs, blank).view(c, rows, -1)
 
     def attribution_maps(self, bank: ConceptBank, images: Tensor) -> Tensor:
         """Where each concept is in each image: ``(N, k, H, W)`` ≥ 0.

@@ -1,6 +1,7 @@
 """Shared test settings: never touch the network, keep runs small and deterministic."""
 
 import os
+import socket
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -12,3 +13,17 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _own_rendezvous_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's DDP group meets on a port chosen for that test.
+
+    Lightning writes the port of a session's first DDP launch to ``MASTER_PORT`` and every later
+    launch reuses it, minutes later; on a shared CI host another job may have taken that port
+    in between, and two groups on one port would exchange each other's tensors.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MASTER_PORT", str(port))

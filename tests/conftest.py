@@ -20,8 +20,8 @@ def _own_rendezvous_port(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test's DDP group meets on a port chosen for that test.
 
     Lightning writes the port of a session's first DDP launch to ``MASTER_PORT`` and every later
-    launch reuses it, minutes later; on a shared CI host another job may have taken that port
-    in between, and two groups on one port would exchange each other's tensors.
+    launch reuses it, minutes later; on a shared CI host another process may hold that port by
+    then, and the launch fails with EADDRINUSE.
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))

@@ -217,6 +217,33 @@ def test_probe_shards_are_disjoint_and_cover_the_probe(source: str) -> None:
     assert torch.equal(everything.images, chosen)
 
 
+def test_a_stream_probe_keeps_and_sends_only_its_rows() -> None:
+    """Rows picked from a stream own their memory: the batches they came from are not kept alive or broadcast."""
+    import pickle
+
+    from harmonia.callbacks.probe import first_of_each_class
+    from harmonia.data.sample import Sample, collate_samples
+
+    sent: list[bytes] = []
+
+    def broadcast(samples: list) -> list:
+        sent.append(pickle.dumps(samples))
+        return samples
+
+    class Wide(IterableDataset):  # rows of 12 kB, batches of 16 rows
+        def __iter__(self):
+            return (Sample(torch.full((3, 32, 32), float(i)), torch.zeros(1, 32, 32), torch.tensor(False), torch.tensor(i % 4)) for i in range(64))
+
+    loader = DataLoader(Wide(), batch_size=16, collate_fn=collate_samples)
+    picked = first_of_each_class(loader, per_class=1, classes=[0, 1, 2, 3])
+    assert [int(s.label) for s in picked] == [0, 1, 2, 3]
+    for sample in picked:
+        assert sample.image.untyped_storage().nbytes() == sample.image.numel() * sample.image.element_size()
+    choose_probe(loader, [0, 1, 2, 3], per_class=1, rank=0, world_size=2, broadcast=broadcast)
+    rows = sum(s.image.numel() * s.image.element_size() for s in picked)
+    assert len(sent[0]) < 2 * rows  # the four rows (and pickle's framing), not the batches that held them
+
+
 def _samples(probe: Probe) -> list:
     from harmonia.data.sample import Sample
 

@@ -142,6 +142,11 @@ def is_stream(dataset: object) -> bool:
     return isinstance(dataset, IterableDataset) or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"))
 
 
+def _row(column: Any, i: int) -> Any:
+    """Row ``i`` of a batch column, as a tensor of its own when the column is a tensor."""
+    return column[i].clone() if isinstance(column, torch.Tensor) else column[i]
+
+
 def first_of_each_class(batches: Iterable[Any], per_class: int, classes: Sequence[int], max_batches: int = 200) -> list[Sample]:
     """The first ``per_class`` samples of each class in a stream of batches, sorted by class.
 
@@ -154,7 +159,9 @@ def first_of_each_class(batches: Iterable[Any], per_class: int, classes: Sequenc
         for i, label in enumerate(torch.as_tensor(batch.label).reshape(-1).tolist()):
             bucket = picked.get(int(label))
             if bucket is not None and len(bucket) < per_class:
-                bucket.append(Sample(*(None if t is None else t[i] for t in batch)))
+                # A copy of the row: a view would keep its whole batch alive (up to ``max_batches``
+                # of them) and be pickled with it when rank zero sends its choice.
+                bucket.append(Sample(*(None if t is None else _row(t, i) for t in batch)))
         if b + 1 >= max_batches or all(len(v) >= per_class for v in picked.values()):
             break
     return [s for c in classes for s in picked[int(c)]]

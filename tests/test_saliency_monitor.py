@@ -60,17 +60,50 @@ def _png(folder: Path) -> np.ndarray:
     return np.asarray(Image.open(path))
 
 
+class _RecordProbe(pl.Callback):
+    """Saves what each rank scored (probe rows, the model's logits on them, a weight checksum) to ``folder``."""
+
+    def __init__(self, monitor: SaliencyMonitor, folder: Path) -> None:
+        self.monitor, self.folder = monitor, folder
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        probe = self.monitor.probe(trainer, pl_module)
+        with torch.no_grad():
+            logits = pl_module.model(probe.images)
+            weights = sum(float(p.double().sum()) for p in pl_module.parameters())
+        record = {"images": probe.images, "labels": probe.labels, "logits": logits, "weights": weights}
+        torch.save(record, self.folder / f"rank{trainer.global_rank}.pt")
+
+
+def _what_moved(one: Path, two: Path) -> str:
+    """Which of the probe rows, their labels, the logits or the weights differ between the two runs' records."""
+    single, ranks = torch.load(one / "rank0.pt"), [torch.load(two / f"rank{r}.pt") for r in range(2)]
+    notes = [f"weights {single['weights']!r} vs {[r['weights'] for r in ranks]!r}"]
+    for name in ("images", "labels", "logits"):
+        for r, record in enumerate(ranks):
+            mine, theirs = single[name][r::2], record[name]
+            same = mine.shape == theirs.shape and torch.allclose(mine.float(), theirs.float(), rtol=1e-5, atol=1e-6)
+            notes.append(f"{name} of rank {r}: {'same' if same else f'differ (max {float((mine.float() - theirs.float()).abs().max()):.3g})'}")
+    return "; ".join(notes)
+
+
 def test_ddp_two_processes_equal_one_process(tmp_path: Path) -> None:
     """Probe set split over 2 gloo processes (ddp_spawn): same metric values, same picture."""
     data = DecoyDigitsDataModule(batch_size=32)
-    one = _trainer(logger=CSVLogger(tmp_path / "one"), callbacks=[_monitor()])
+    records = {name: tmp_path / f"probe_{name}" for name in ("one", "two")}
+    for folder in records.values():
+        folder.mkdir()
+    monitor = _monitor()
+    one = _trainer(logger=CSVLogger(tmp_path / "one"), callbacks=[monitor, _RecordProbe(monitor, records["one"])])
     single = _saliency_values(one.validate(_module(), datamodule=data, verbose=False)[0])
-    two = _trainer(logger=CSVLogger(tmp_path / "two"), callbacks=[_monitor()], strategy="ddp_spawn", devices=2)
+    monitor = _monitor()
+    two = _trainer(logger=CSVLogger(tmp_path / "two"), callbacks=[monitor, _RecordProbe(monitor, records["two"])],
+                   strategy="ddp_spawn", devices=2)
     double = _saliency_values(two.validate(_module(), datamodule=data, verbose=False)[0])
     assert len(single) == 4 * 2 + 4 * 3 + 1 + 1  # alignment ×2 keys, 3 fidelity metrics, stability, IG completeness
     assert single.keys() == double.keys()
     for key in single:
-        assert double[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
+        assert double[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), f"{key}: {_what_moved(records['one'], records['two'])}"
     np.testing.assert_array_equal(_png(tmp_path / "two"), _png(tmp_path / "one"))
 
 
@@ -185,33 +218,6 @@ def test_probe_from_a_stream(tmp_path: Path) -> None:
     first = [next(i for i in range(len(digits)) if int(digits.labels[i]) == c) for c in range(10)]
     assert torch.equal(probe.images[::2], digits.images[first])  # the first of each class, in class order
     assert _png(tmp_path).shape[0] > 3 * 96
-
-
-class _RecordProbe(pl.Callback):
-    """Saves what each rank scored (probe rows, the model's logits on them, a weight checksum) to ``folder``."""
-
-    def __init__(self, monitor: SaliencyMonitor, folder: Path) -> None:
-        self.monitor, self.folder = monitor, folder
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        probe = self.monitor.probe(trainer, pl_module)
-        with torch.no_grad():
-            logits = pl_module.model(probe.images)
-            weights = sum(float(p.double().sum()) for p in pl_module.parameters())
-        record = {"images": probe.images, "labels": probe.labels, "logits": logits, "weights": weights}
-        torch.save(record, self.folder / f"rank{trainer.global_rank}.pt")
-
-
-def _what_moved(one: Path, two: Path) -> str:
-    """Which of the probe rows, their labels, the logits or the weights differ between the two runs' records."""
-    single, ranks = torch.load(one / "rank0.pt"), [torch.load(two / f"rank{r}.pt") for r in range(2)]
-    notes = [f"weights {single['weights']!r} vs {[r['weights'] for r in ranks]!r}"]
-    for name in ("images", "labels", "logits"):
-        for r, record in enumerate(ranks):
-            mine, theirs = single[name][r::2], record[name]
-            same = mine.shape == theirs.shape and torch.allclose(mine.float(), theirs.float(), rtol=1e-5, atol=1e-6)
-            notes.append(f"{name} of rank {r}: {'same' if same else f'differ (max {float((mine.float() - theirs.float()).abs().max()):.3g})'}")
-    return "; ".join(notes)
 
 
 def test_a_stream_probe_under_ddp_equals_one_process(tmp_path: Path) -> None:
